@@ -1,0 +1,1 @@
+"""Facts datasets, prompt formats, splits and retain text."""

@@ -1,0 +1,1 @@
+"""Model definitions (penzai pytrees), loaders and tokenizers."""
