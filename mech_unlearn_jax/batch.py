@@ -1,0 +1,119 @@
+"""`FactBatch`: tokenized fact prompts with their answers and subject positions.
+
+The one batch type that scoring, localization and editing share. Arrays are plain
+`jax.Array`/`np.ndarray` with positional axes (shape in the field name); batches are
+left-padded so the answer is always predicted at column -1 (see `models/forward.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import jax
+import numpy as np
+
+from mech_unlearn_jax.models.forward import left_pad
+
+
+class TokenizerLike(Protocol):
+
+  def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    ...
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FactBatch:
+  """A left-padded batch of prompts whose next token is a one-token answer.
+
+  Attributes:
+    tokens_BxL: token ids (BOS first, padding on the left).
+    positions_BxL: 0.. on real tokens, -1 on padding.
+    answer_ids_B: the token the metric rewards (true answer, or an edit target).
+    wrong_ids_BxK: other candidate answers (for logit differences and normalized
+      probabilities); -1 where a row has fewer than K.
+    subject_mask_BxL: True on the tokens of the prompt's subject.
+  """
+
+  tokens_BxL: np.ndarray
+  positions_BxL: np.ndarray
+  answer_ids_B: np.ndarray
+  wrong_ids_BxK: np.ndarray
+  subject_mask_BxL: np.ndarray
+
+  @property
+  def size(self) -> int:
+    return int(self.tokens_BxL.shape[0])
+
+  def slice(self, start: int, stop: int) -> "FactBatch":
+    return jax.tree.map(lambda x: x[start:stop], self)
+
+  @property
+  def candidate_ids_BxC(self) -> np.ndarray:
+    """Answer first, then the wrong candidates (-1 padded)."""
+    return np.concatenate([np.asarray(self.answer_ids_B)[:, None], np.asarray(self.wrong_ids_BxK)], 1)
+
+
+def subject_token_span(
+    tokenizer: TokenizerLike, prompt: str, subject: str
+) -> tuple[int, int, list[int]]:
+  """Token ids of `prompt` (with BOS) and the [start, stop) token span of `subject`.
+
+  The subject's first occurrence is located in the text; a space right before it is
+  counted as part of the subject because Gemma/Llama tokens carry their leading space.
+  Raises ValueError if the subject is absent or its boundaries split a token.
+  """
+  ids = tokenizer.encode(prompt, add_bos=True)
+  subject = subject.strip()
+  char_start = prompt.find(subject)
+  if not subject or char_start < 0:
+    raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
+  char_stop = char_start + len(subject)
+  if char_start > 0 and prompt[char_start - 1] == " ":
+    char_start -= 1
+  before = tokenizer.encode(prompt[:char_start], add_bos=True) if char_start else tokenizer.encode("", add_bos=True)
+  through = tokenizer.encode(prompt[:char_stop], add_bos=True)
+  if ids[: len(through)] != through or through[: len(before)] != before:
+    raise ValueError(
+        f"subject {subject!r} does not start and end on token boundaries in {prompt!r}"
+    )
+  return len(before), len(through), ids
+
+
+def make_fact_batch(
+    tokenizer: TokenizerLike,
+    prompts: Sequence[str],
+    subjects: Sequence[str],
+    answer_ids: Sequence[int],
+    wrong_ids: Sequence[Sequence[int]] = (),
+    pad_id: int = 0,
+    multiple: int = 8,
+    length: int | None = None,
+) -> FactBatch:
+  """Tokenizes prompts, finds subject tokens and packs a left-padded `FactBatch`."""
+  if not (len(prompts) == len(subjects) == len(answer_ids)):
+    raise ValueError("prompts, subjects and answer_ids must have the same length")
+  spans, sequences = [], []
+  for prompt, subject in zip(prompts, subjects):
+    start, stop, ids = subject_token_span(tokenizer, prompt, subject)
+    spans.append((start, stop, len(ids)))
+    sequences.append(ids)
+  tokens, positions = left_pad(sequences, pad_id=pad_id, multiple=multiple, length=length)
+  width = tokens.shape[1]
+  subject_mask = np.zeros_like(tokens, dtype=bool)
+  for row, (start, stop, n) in enumerate(spans):
+    offset = width - n
+    subject_mask[row, offset + start : offset + stop] = True
+  k = max((len(w) for w in wrong_ids), default=0)
+  wrong = np.full((len(prompts), max(k, 1)), -1, dtype=np.int32)
+  for row, ws in enumerate(wrong_ids):
+    wrong[row, : len(ws)] = ws
+  return FactBatch(
+      tokens_BxL=tokens,
+      positions_BxL=positions,
+      answer_ids_B=np.asarray(answer_ids, dtype=np.int32),
+      wrong_ids_BxK=wrong,
+      subject_mask_BxL=subject_mask,
+  )

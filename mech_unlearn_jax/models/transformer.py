@@ -1,0 +1,338 @@
+"""A llama-like decoder (Gemma 3, Gemma 2, Llama 3) as an immutable penzai pytree.
+
+Built from penzai's parts (`pz.nn.Linear`, `RMSLayerNorm`, `Attention`, the GLU
+feedforward of `llamalike_common`) plus what Gemma 3 adds: RMSNorm on queries and
+keys, a local sliding-window / global attention pattern with its own RoPE settings,
+pre- and post-norms around both sublayers, scaled input embeddings and a tied
+unembedding.
+
+Named axes (penzai's vocabulary, used everywhere in this library):
+  "batch", "seq" (query position), "kv_seq" (key position), "embedding" (residual
+  stream), "projection" (head dimension), "neurons" (MLP hidden), "vocabulary",
+  and the head axes of `penzai.models.transformer.variants.llamalike_common`:
+  "query_heads" only (one KV head), "heads" (no grouping) or "head_groups" x
+  "query_heads" (grouped-query attention).
+  This library adds "selected" (positions whose logits are computed).
+
+Padding convention: batches are LEFT-padded and carry a `token_positions` side input
+that is -1 at padding and 0, 1, ... on real tokens. Penzai's attention masks already
+hide keys with negative positions, so padded and unpadded prompts give identical
+logits, and the last real token of every row sits at column -1.
+
+Parameter labels follow penzai: `transformer/block_{i}/attention/{query,key,value,
+output}.weights`, `transformer/block_{i}/mlp/{gating_linear,value_linear,
+out_linear}.weights`, norms `.../{name}/scale.weights` (full scale: Gemma's "1 + w" is
+folded in when loading), `transformer/embedder.embeddings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+from penzai.models.transformer import model_parts
+from penzai.models.transformer.variants import llamalike_common
+
+from mech_unlearn_jax.models.config import RopeConfig, TransformerConfig
+
+# Gemma's reference code masks with this value; any large finite negative works and
+# keeps fully-masked padding rows finite.
+_MASKED_OUT = -2.3819763e38
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  """Inverse wavelengths of the split-half RoPE used by Gemma and Llama."""
+  inv_freq = 1.0 / (rope.base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  inv_freq = inv_freq / rope.linear_scale
+  if rope.llama3_scaling is not None:
+    factor, low_ff, high_ff, old_len = rope.llama3_scaling
+    wavelen = 2 * np.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
+    smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    scaled = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    inv_freq = scaled
+  return inv_freq.astype(np.float32)
+
+
+@pz.pytree_dataclass
+class RotaryEmbedding(pz.nn.Layer):
+  """Split-half rotary position embedding with configurable frequencies.
+
+  Unlike `pz.nn.ApplyRoPE` it supports linear position scaling (Gemma 3 >= 4B) and
+  Llama 3.1's frequency rescaling, both fixed at build time.
+  """
+
+  rope: RopeConfig = dataclasses.field(metadata={"pytree_node": False})
+  embedding_axis: str = dataclasses.field(default="projection", metadata={"pytree_node": False})
+  positions_input_name: str = dataclasses.field(
+      default="token_positions", metadata={"pytree_node": False}
+  )
+
+  def __call__(self, inputs: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+    positions = side_inputs[self.positions_input_name]
+    head_dim = inputs.named_shape[self.embedding_axis]
+    inv_freq = jnp.asarray(rope_inverse_frequencies(self.rope, head_dim))
+
+    def rotate(x, position):
+      angles = position.astype(jnp.float32) * inv_freq
+      sin, cos = jnp.sin(angles), jnp.cos(angles)
+      first, second = jnp.split(x.astype(jnp.float32), 2)
+      out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin])
+      return out.astype(x.dtype)
+
+    out = pz.nx.nmap(rotate)(inputs.untag(self.embedding_axis), positions)
+    return out.tag(self.embedding_axis)
+
+
+@pz.pytree_dataclass
+class CausalLM(pz.nn.Layer):
+  """Decoder-only language model: embed -> blocks -> final norm -> unembed.
+
+  The stages are separate fields so that logits can be computed at selected
+  positions only: for a short prompt the 262k-way unembedding at every position
+  costs more than the whole transformer body.
+
+  Attributes:
+    embed: tokens -> residual stream (lookup, optional sqrt(d) scaling).
+    blocks: the transformer blocks (`model_parts.TransformerBlock` each).
+    final_norm: RMSNorm before the unembedding.
+    unembed: residual stream -> vocabulary logits (with optional soft cap).
+    config: the architecture (static).
+  """
+
+  embed: pz.nn.Layer
+  blocks: pz.nn.Sequential
+  final_norm: pz.nn.Layer
+  unembed: pz.nn.Layer
+  config: TransformerConfig = dataclasses.field(metadata={"pytree_node": False})
+
+  @property
+  def metadata(self) -> model_parts.TransformerMetadata:
+    common, _, query_only, _ = llamalike_common._head_info(_llamalike_config(self.config))
+    return model_parts.TransformerMetadata(
+        common_head_axes=common,
+        query_only_head_axes=query_only,
+        embedding_dim=self.config.embedding_dim,
+        projection_dim=self.config.head_dim,
+        mlp_hidden_dim=self.config.mlp_hidden_dim,
+        vocab_size=self.config.vocab_size,
+        activation_dtype=jnp.dtype(self.config.activation_dtype),
+    )
+
+  def residual(
+      self, tokens: pz.nx.NamedArray, *, token_positions: pz.nx.NamedArray, **side_inputs
+  ) -> pz.nx.NamedArray:
+    """Final-normed residual stream, axes (..., "seq", "embedding")."""
+    side_inputs = dict(side_inputs, token_positions=token_positions)
+    x = self.embed(tokens, **side_inputs)
+    x = self.blocks(x, **side_inputs)
+    return self.final_norm(x, **side_inputs)
+
+  def __call__(
+      self,
+      tokens: pz.nx.NamedArray,
+      *,
+      token_positions: pz.nx.NamedArray | None = None,
+      selected_positions: pz.nx.NamedArray | None = None,
+      **side_inputs,
+  ) -> pz.nx.NamedArray:
+    """Logits for `tokens` (named axes including "seq").
+
+    Args:
+      tokens: integer token ids with a "seq" axis and any batch axes.
+      token_positions: positions (-1 at padding); default 0..L-1.
+      selected_positions: optional integer array of column indices along "seq"
+        (e.g. axes {"batch", "selected"} or just {"batch"}); logits are computed only
+        there, and the result has the axes of `selected_positions` plus "vocabulary".
+      **side_inputs: forwarded to every layer (interventions read them).
+    """
+    if token_positions is None:
+      token_positions = pz.nx.arange("seq", tokens.named_shape["seq"])
+    hidden = self.residual(tokens, token_positions=token_positions, **side_inputs)
+    if selected_positions is not None:
+      hidden = pz.nx.nmap(lambda h, i: h[i])(hidden.untag("seq"), selected_positions)
+    return self.unembed(hidden, token_positions=token_positions, **side_inputs)
+
+
+def _llamalike_config(config: TransformerConfig) -> llamalike_common.LlamalikeTransformerConfig:
+  """The penzai config whose helpers (MLP builder, head axes) we reuse."""
+  return llamalike_common.LlamalikeTransformerConfig(
+      num_kv_heads=config.num_kv_heads,
+      query_head_multiplier=config.query_heads_per_kv,
+      embedding_dim=config.embedding_dim,
+      projection_dim=config.head_dim,
+      mlp_hidden_dim=config.mlp_hidden_dim,
+      num_decoder_blocks=config.num_layers,
+      vocab_size=config.vocab_size,
+      mlp_variant="geglu_approx" if config.mlp_activation == "gelu_tanh" else "swiglu",
+      tie_embedder_and_logits=config.tie_embeddings,
+      rms_norm_eps=config.norm_eps,
+      parameter_dtype=jnp.dtype(config.parameter_dtype),
+      activation_dtype=jnp.dtype(config.activation_dtype),
+  )
+
+
+def _rms_norm(name, rng, axes, config: TransformerConfig) -> pz.nn.RMSLayerNorm:
+  norm = pz.nn.RMSLayerNorm.from_config(
+      name=name,
+      init_base_rng=rng,
+      across_axes=axes,
+      dtype=jnp.dtype(config.parameter_dtype),
+      epsilon=config.norm_eps,
+  )
+  return norm
+
+
+def _build_attention(name: str, rng, config: TransformerConfig, layer: int) -> pz.nn.Attention:
+  """Attention with optional QK-norm, per-layer RoPE and local/global masking."""
+  common, qkv_einsum, query_only, q_einsum = llamalike_common._head_info(
+      _llamalike_config(config)
+  )
+  dtype = jnp.dtype(config.parameter_dtype)
+  act_dtype = jnp.dtype(config.activation_dtype)
+  rope = config.rope_for_layer(layer)
+  d, p = config.embedding_dim, config.head_dim
+
+  def projection(which, out_axes):
+    layers = [
+        pz.nn.Linear.from_config(
+            name=f"{name}/{which}", init_base_rng=rng,
+            input_axes={"embedding": d}, output_axes={**out_axes, "projection": p},
+            dtype=dtype,
+        )
+    ]
+    if config.qk_norm and which in ("query", "key"):
+      layers.append(_rms_norm(f"{name}/{which}_norm", rng, {"projection": p}, config))
+    if which in ("query", "key"):
+      layers.append(RotaryEmbedding(rope=rope))
+    if which == "query":
+      layers.append(pz.nn.ConstantRescale(by=jnp.array(config.query_scale, dtype=act_dtype)))
+    return pz.nn.Sequential(layers)
+
+  if config.layer_types[layer] == "local":
+    masker = pz.nn.ApplyCausalSlidingWindowAttentionMask(
+        sliding_window_size=config.sliding_window,
+        masked_out_value=jnp.array(_MASKED_OUT, dtype=act_dtype),
+    )
+  else:
+    masker = pz.nn.ApplyCausalAttentionMask(
+        masked_out_value=jnp.array(_MASKED_OUT, dtype=act_dtype)
+    )
+  scores = [
+      pz.nn.NamedEinsum(
+          (
+              {"seq": "tq", **qkv_einsum, **q_einsum, "projection": "p"},
+              {"seq": "tkv", **qkv_einsum, "projection": "p"},
+          ),
+          {"seq": "tq", **qkv_einsum, **q_einsum, "kv_seq": "tkv"},
+      )
+  ]
+  if config.attn_logit_softcap:
+    scores.append(
+        pz.nn.TanhSoftCap(soft_cap=jnp.array(config.attn_logit_softcap, dtype=act_dtype))
+    )
+  scores += [masker, pz.nn.Softmax("kv_seq")]
+  return pz.nn.Attention(
+      input_to_query=projection("query", {**common, **query_only}),
+      input_to_key=projection("key", common),
+      input_to_value=projection("value", common),
+      query_key_to_attn=pz.nn.Sequential(scores),
+      attn_value_to_output=pz.nn.Sequential([
+          pz.nn.NamedEinsum(
+              (
+                  {"seq": "tq", **qkv_einsum, **q_einsum, "kv_seq": "tkv"},
+                  {"seq": "tkv", **qkv_einsum, "projection": "p"},
+              ),
+              {"seq": "tq", **qkv_einsum, **q_einsum, "projection": "p"},
+          ),
+          pz.nn.Linear.from_config(
+              name=f"{name}/output", init_base_rng=rng,
+              input_axes={**common, **query_only, "projection": p},
+              output_axes={"embedding": d}, dtype=dtype,
+          ),
+      ]),
+  )
+
+
+def _build_block(name: str, rng, config: TransformerConfig, layer: int) -> model_parts.TransformerBlock:
+  d = {"embedding": config.embedding_dim}
+  attn = [
+      _rms_norm(f"{name}/pre_attention_norm", rng, d, config),
+      _build_attention(f"{name}/attention", rng, config, layer),
+  ]
+  if config.post_attn_norm:
+    attn.append(_rms_norm(f"{name}/post_attention_norm", rng, d, config))
+  ffw = [
+      _rms_norm(f"{name}/pre_ffw_norm", rng, d, config),
+      llamalike_common.build_llamalike_feedforward(f"{name}/mlp", rng, _llamalike_config(config)),
+  ]
+  if config.post_ffw_norm:
+    ffw.append(_rms_norm(f"{name}/post_ffw_norm", rng, d, config))
+  return model_parts.TransformerBlock(
+      sublayers=[pz.nn.Residual(pz.nn.Sequential(attn)), pz.nn.Residual(pz.nn.Sequential(ffw))]
+  )
+
+
+def build_transformer(
+    config: TransformerConfig, init_rng: jax.Array | None = None, name: str = "transformer"
+) -> CausalLM:
+  """Builds the model; random weights from `init_rng`, or parameter slots if None.
+
+  With `init_rng=None` the parameters are `pz.ParameterSlot`s to be filled by a
+  loader (`pz.bind_variables`), so no memory is allocated.
+  """
+  dtype = jnp.dtype(config.parameter_dtype)
+  act_dtype = jnp.dtype(config.activation_dtype)
+  table = pz.nn.EmbeddingTable.from_config(
+      name=f"{name}/embedder", init_base_rng=init_rng, vocab_size=config.vocab_size,
+      embedding_axes={"embedding": config.embedding_dim}, dtype=dtype,
+  )
+  embed = [pz.nn.EmbeddingLookup(table)]
+  if act_dtype != dtype:
+    embed.append(pz.nn.CastToDType(act_dtype))
+  if config.scale_embeddings:
+    # Gemma multiplies by sqrt(d) rounded to the activation dtype.
+    embed.append(pz.nn.ConstantRescale(by=jnp.sqrt(config.embedding_dim).astype(act_dtype)))
+  if config.tie_embeddings:
+    unembed = [pz.nn.EmbeddingDecode(table)]
+  else:
+    unembed = [
+        pz.nn.Linear.from_config(
+            name=f"{name}/lm_head", init_base_rng=init_rng,
+            input_axes={"embedding": config.embedding_dim},
+            output_axes={"vocabulary": config.vocab_size}, dtype=dtype,
+        )
+    ]
+  if config.final_logit_softcap:
+    unembed.append(
+        pz.nn.TanhSoftCap(soft_cap=jnp.array(config.final_logit_softcap, dtype=act_dtype))
+    )
+  blocks = [
+      _build_block(f"{name}/block_{i}", init_rng, config, i) for i in range(config.num_layers)
+  ]
+  return CausalLM(
+      embed=pz.nn.Sequential(embed),
+      blocks=pz.nn.Sequential(blocks),
+      final_norm=_rms_norm(f"{name}/final_norm", init_rng, {"embedding": config.embedding_dim}, config),
+      unembed=pz.nn.Sequential(unembed),
+      config=config,
+  )
+
+
+def parameter_shapes(config: TransformerConfig) -> dict[str, dict[str, int]]:
+  """Label -> named shape of every parameter, computed without allocating weights."""
+  _, params = jax.eval_shape(
+      lambda: pz.unbind_params(build_transformer(config, jax.random.key(0)), freeze=True)
+  )
+  return {p.label: dict(p.value.named_shape) for p in params}
+
+
+def parameters_by_label(model: Any) -> dict[str, pz.Parameter]:
+  """All `pz.Parameter`s of a (bound) model, keyed by label."""
+  return {p.label: p for p in pz.select(model).at_instances_of(pz.Parameter).get_sequence()}
