@@ -230,6 +230,11 @@ def config_from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Tr
   if "text_config" in hf:  # Gemma 3 multimodal checkpoints nest the text model.
     hf = {**hf["text_config"], "model_type": hf["text_config"].get("model_type", "gemma3_text")}
   model_type = hf.get("model_type")
+  if model_type not in ("gemma3_text", "gemma3", "gemma2", "llama"):
+    raise ValueError(
+        f"{source}: model_type {model_type!r} is not supported; expected one of"
+        " 'gemma3_text', 'gemma3', 'gemma2', 'llama'"
+    )
 
   def need(key):
     if key not in hf:
