@@ -1,0 +1,1 @@
+"""Evaluation: scoring, prompt-format robustness, attacks, probes and side effects."""

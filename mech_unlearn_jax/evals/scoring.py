@@ -1,0 +1,163 @@
+"""Batched, jitted scoring of facts and text: the numbers every report is made of.
+
+"Accuracy" in the paper is a probability (METHOD §4): for sports, the softmax over the
+candidate answer tokens; for CounterFact, the full-vocabulary probability of the first
+target token. `score_facts` returns both, plus argmax accuracies, per example, so a
+report can aggregate however it needs. Only the last position is unembedded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from mech_unlearn_jax.batch import FactBatch
+from mech_unlearn_jax.models import forward
+
+
+@dataclasses.dataclass(frozen=True)
+class FactScores:
+  """Per-example scores of a `FactBatch` (numpy arrays of shape [B]).
+
+  Attributes:
+    logprob_full: log p(answer) over the full vocabulary.
+    prob_full: p(answer) over the full vocabulary.
+    prob_normalized: p(answer) renormalized over the candidates (answer + wrong ids).
+    correct_argmax_candidates: the answer has the highest logit among the candidates.
+    correct_argmax_full: the answer is the top-1 token of the full vocabulary.
+    candidate_probs: [B, C] probabilities normalized over candidates (answer first).
+  """
+
+  logprob_full: np.ndarray
+  prob_full: np.ndarray
+  prob_normalized: np.ndarray
+  correct_argmax_candidates: np.ndarray
+  correct_argmax_full: np.ndarray
+  candidate_probs: np.ndarray
+
+  def summary(self) -> dict[str, float]:
+    """Means over examples (the paper's "accuracy" is `prob_normalized`/`prob_full`)."""
+    return {
+        "prob_full": float(self.prob_full.mean()),
+        "prob_normalized": float(self.prob_normalized.mean()),
+        "argmax_candidates": float(self.correct_argmax_candidates.mean()),
+        "argmax_full": float(self.correct_argmax_full.mean()),
+        "n": int(self.prob_full.shape[0]),
+    }
+
+
+def candidate_log_probs(last_logits_BxV: jax.Array, candidate_ids_BxC: jax.Array):
+  """Full-vocab log-probs and candidate-normalized log-probs of candidates ([B, C]).
+
+  Candidate ids of -1 (padding) get -inf in the normalized distribution.
+  """
+  logp = jax.nn.log_softmax(last_logits_BxV.astype(jnp.float32), axis=-1)
+  valid = candidate_ids_BxC >= 0
+  picked = jnp.take_along_axis(logp, jnp.maximum(candidate_ids_BxC, 0), axis=-1)
+  picked = jnp.where(valid, picked, -jnp.inf)
+  normalized = picked - jax.nn.logsumexp(picked, axis=-1, keepdims=True)
+  return logp, picked, normalized
+
+
+@jax.jit
+def _score_chunk(unbound, params, tokens, positions, candidates):
+  model = pz.bind_variables(unbound, params)
+  logits = forward.last_logits(model, tokens, positions)
+  logp, picked, normalized = candidate_log_probs(logits, candidates)
+  top_full = jnp.argmax(logp, axis=-1)
+  return {
+      "logprob_full": picked[:, 0],
+      "prob_normalized": jnp.exp(normalized[:, 0]),
+      "correct_argmax_candidates": jnp.argmax(picked, axis=-1) == 0,
+      "correct_argmax_full": top_full == candidates[:, 0],
+      "candidate_probs": jnp.exp(normalized),
+  }
+
+
+def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64) -> FactScores:
+  """Scores every example of `batch` at its last position, in jitted chunks."""
+  unbound, params = pz.unbind_params(model, freeze=True)
+  candidates = batch.candidate_ids_BxC
+  outs = []
+  for start in range(0, batch.size, chunk_size):
+    stop = min(start + chunk_size, batch.size)
+    tokens = batch.tokens_BxL[start:stop]
+    positions = batch.positions_BxL[start:stop]
+    cands = candidates[start:stop]
+    n = stop - start
+    if n < chunk_size and batch.size > chunk_size:
+      # Pad the last chunk to the common shape so it reuses the compiled function.
+      pad = chunk_size - n
+      tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
+      positions = np.concatenate([positions, np.repeat(positions[-1:], pad, 0)])
+      cands = np.concatenate([cands, np.repeat(cands[-1:], pad, 0)])
+    out = _score_chunk(unbound, params, tokens, positions, cands)
+    outs.append(jax.tree.map(lambda x: np.asarray(x)[:n], out))
+  merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  return FactScores(
+      logprob_full=merged["logprob_full"],
+      prob_full=np.exp(merged["logprob_full"]),
+      prob_normalized=merged["prob_normalized"],
+      correct_argmax_candidates=merged["correct_argmax_candidates"],
+      correct_argmax_full=merged["correct_argmax_full"],
+      candidate_probs=merged["candidate_probs"],
+  )
+
+
+# ---------------------------------------------------------------------------------
+# Text: next-token loss / accuracy and KL(original || edited).
+
+
+def _next_token_terms(logits_BxLxV, tokens_BxL, positions_BxL):
+  logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+  targets = tokens_BxL[:, 1:]
+  # A position predicts the next one only when both are real tokens.
+  valid = (positions_BxL[:, :-1] >= 0) & (positions_BxL[:, 1:] >= 0)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  correct = jnp.argmax(logp, axis=-1) == targets
+  return logp, nll, correct, valid
+
+
+@jax.jit
+def _text_chunk(unbound, params, tokens, positions):
+  logits = forward.full_logits(pz.bind_variables(unbound, params), tokens, positions)
+  _, nll, correct, valid = _next_token_terms(logits, tokens, positions)
+  return (nll * valid).sum(), (correct * valid).sum(), valid.sum()
+
+
+def text_metrics(model: Any, tokens_BxL, positions_BxL, chunk_size: int = 8) -> dict[str, float]:
+  """Mean next-token cross-entropy and accuracy over real positions."""
+  unbound, params = pz.unbind_params(model, freeze=True)
+  totals = np.zeros(3)
+  for start in range(0, tokens_BxL.shape[0], chunk_size):
+    sl = slice(start, start + chunk_size)
+    totals += np.array([float(x) for x in _text_chunk(unbound, params, tokens_BxL[sl], positions_BxL[sl])])
+  return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "tokens": int(totals[2])}
+
+
+@jax.jit
+def _kl_chunk(unbound_a, params_a, unbound_b, params_b, tokens, positions):
+  la = forward.full_logits(pz.bind_variables(unbound_a, params_a), tokens, positions)
+  lb = forward.full_logits(pz.bind_variables(unbound_b, params_b), tokens, positions)
+  pa = jax.nn.log_softmax(la.astype(jnp.float32), -1)
+  pb = jax.nn.log_softmax(lb.astype(jnp.float32), -1)
+  kl = (jnp.exp(pa) * (pa - pb)).sum(-1)
+  valid = positions >= 0
+  return (kl * valid).sum(), valid.sum()
+
+
+def kl_divergence(original: Any, edited: Any, tokens_BxL, positions_BxL, chunk_size: int = 8) -> float:
+  """Mean per-token KL(original || edited) of next-token distributions on text."""
+  ua, pa = pz.unbind_params(original, freeze=True)
+  ub, pb = pz.unbind_params(edited, freeze=True)
+  total, count = 0.0, 0
+  for start in range(0, tokens_BxL.shape[0], chunk_size):
+    sl = slice(start, start + chunk_size)
+    kl, n = _kl_chunk(ua, pa, ub, pb, tokens_BxL[sl], positions_BxL[sl])
+    total, count = total + float(kl), count + int(n)
+  return total / max(count, 1)
