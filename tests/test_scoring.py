@@ -1,0 +1,77 @@
+"""Scoring and retain-text logic on a tiny random model."""
+
+import jax
+import numpy as np
+import pytest
+
+from mech_unlearn_jax.batch import FactBatch
+from mech_unlearn_jax.data import retain
+from mech_unlearn_jax.evals import scoring
+from mech_unlearn_jax.models import config as config_lib
+from mech_unlearn_jax.models import forward, transformer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return transformer.build_transformer(config_lib.get_preset("tiny-gemma3"), jax.random.key(3))
+
+
+def _batch(n=5):
+  rng = np.random.default_rng(0)
+  seqs = [[2] + rng.integers(4, 500, size=rng.integers(3, 9)).tolist() for _ in range(n)]
+  tokens, positions = forward.left_pad(seqs, multiple=8)
+  return FactBatch(
+      tokens_BxL=tokens, positions_BxL=positions,
+      answer_ids_B=np.array([10, 11, 12, 13, 14][:n], np.int32),
+      wrong_ids_BxK=np.array([[20, 21], [22, -1], [23, 24], [25, 26], [27, 28]][:n], np.int32),
+      subject_mask_BxL=np.zeros_like(tokens, bool),
+  )
+
+
+def test_fact_scores_match_direct_computation(tiny):
+  batch = _batch()
+  scores = scoring.score_facts(tiny, batch, chunk_size=2)  # exercises chunk padding
+  logits = np.asarray(forward.last_logits(tiny, batch.tokens_BxL, batch.positions_BxL), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  for row in range(batch.size):
+    cands = [c for c in batch.candidate_ids_BxC[row] if c >= 0]
+    np.testing.assert_allclose(scores.logprob_full[row], logp[row, cands[0]], atol=1e-4)
+    p = np.exp(logp[row, cands])
+    np.testing.assert_allclose(scores.prob_normalized[row], p[0] / p.sum(), atol=1e-5)
+    assert scores.correct_argmax_candidates[row] == (np.argmax(logp[row, cands]) == 0)
+    assert scores.correct_argmax_full[row] == (np.argmax(logp[row]) == cands[0])
+  # Padded candidate (-1) gets zero normalized probability.
+  assert scores.candidate_probs[1, 2] == 0.0
+  summary = scores.summary()
+  assert summary["n"] == 5 and 0 <= summary["prob_normalized"] <= 1
+
+
+def test_text_metrics_and_kl(tiny):
+  tokens, positions = forward.left_pad([[2, 5, 6, 7, 8], [2, 9, 10]], multiple=4)
+  metrics = scoring.text_metrics(tiny, tokens, positions)
+  assert metrics["tokens"] == 4 + 2  # real next-token pairs only
+  assert metrics["loss"] > 0
+  assert scoring.kl_divergence(tiny, tiny, tokens, positions) == pytest.approx(0.0, abs=1e-6)
+  other = transformer.build_transformer(tiny.config, jax.random.key(4))
+  assert scoring.kl_divergence(tiny, other, tokens, positions) > 1e-3
+
+
+def test_sampling_is_seeded_and_cached(tiny, tmp_path):
+  a = retain.cached_sampled_windows(tiny, "tiny", 2, num_windows=3, window=6, seed=1, cache_dir=tmp_path)
+  b = retain.cached_sampled_windows(tiny, "tiny", 2, num_windows=3, window=6, seed=1, cache_dir=tmp_path)
+  c = retain.sample_retain_windows(tiny, 2, num_windows=3, window=6, seed=2)
+  np.testing.assert_array_equal(a[0], b[0])
+  assert a[0].shape == (3, 6) and (a[0][:, 0] == 2).all() and (a[1] == np.arange(6)).all()
+  assert not np.array_equal(a[0], c[0])
+  assert len(list(tmp_path.rglob("*.npz"))) == 1
+
+
+def test_windows_from_texts_rejects_tiny_window():
+  class Tok:
+    bos_id = 2
+    def encode(self, text, add_bos=True):
+      return [ord(ch) % 500 for ch in text]
+  tokens, positions = retain.windows_from_texts(Tok(), ["abcdefghij"], window=4)
+  assert tokens.shape == (3, 4) and (tokens[:, 0] == 2).all()
+  with pytest.raises(ValueError, match="window"):
+    retain.windows_from_texts(Tok(), ["abc"], window=1)
