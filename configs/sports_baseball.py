@@ -1,0 +1,16 @@
+"""Sports facts: inject 'golf' for every known baseball player; train on half, evaluate on the held-out half.
+
+  python -m launch.run --config=configs/sports_baseball.py --workdir=runs/sports_baseball
+  python -m launch.run --config=configs/sports_baseball.py:ap --workdir=runs/sports_baseball_ap   # other localization
+  python -m launch.run --config=configs/sports_baseball.py:tiny --workdir=/tmp/tiny        # test-size variant
+
+The argument after ':' picks the localization method (fact_lookup, ap, ct, ap_mlps,
+ct_mlps, random, random_mlps, all_mlps, nonlocalized) and/or "tiny".
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.from_arg(arg, task="sports", split="baseball")
+  return c
