@@ -85,19 +85,27 @@ def subject_token_span(
 def make_fact_batch(
     tokenizer: TokenizerLike,
     prompts: Sequence[str],
-    subjects: Sequence[str],
+    subjects: Sequence[str | None],
     answer_ids: Sequence[int],
     wrong_ids: Sequence[Sequence[int]] = (),
     pad_id: int = 0,
     multiple: int = 8,
     length: int | None = None,
 ) -> FactBatch:
-  """Tokenizes prompts, finds subject tokens and packs a left-padded `FactBatch`."""
+  """Tokenizes prompts, finds subject tokens and packs a left-padded `FactBatch`.
+
+  A subject of None (e.g. a CounterFact neighborhood prompt about someone else) gives
+  an empty subject mask for that row.
+  """
   if not (len(prompts) == len(subjects) == len(answer_ids)):
     raise ValueError("prompts, subjects and answer_ids must have the same length")
   spans, sequences = [], []
   for prompt, subject in zip(prompts, subjects):
-    start, stop, ids = subject_token_span(tokenizer, prompt, subject)
+    if subject is None:
+      ids = tokenizer.encode(prompt, add_bos=True)
+      start = stop = 0
+    else:
+      start, stop, ids = subject_token_span(tokenizer, prompt, subject)
     spans.append((start, stop, len(ids)))
     sequences.append(ids)
   tokens, positions = left_pad(sequences, pad_id=pad_id, multiple=multiple, length=length)
