@@ -29,6 +29,7 @@ def base_config(task: str = "sports", split: str = "first_16", method: str = "fa
   c.data.split = split  # first_16 / first_64 / basketball / baseball / football
   c.data.known_threshold = 0.5
   c.data.known_normalization = "candidates"  # or "full_vocab"
+  c.data.max_facts = 0  # 0: every fact of the table; >0 reads only the first ones
   c.data.max_pool = 0  # 0: all known facts; >0 caps the pool (tiny runs)
   c.data.max_maintain_eval = 64  # maintain facts evaluated per format
 
@@ -67,6 +68,7 @@ def base_config(task: str = "sports", split: str = "first_16", method: str = "fa
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config for tests: tiny random model, few facts, few steps."""
   c.model = "tiny-gemma3"
+  c.data.max_facts = 48
   c.data.max_pool = 40
   c.data.split = "first_4" if c.data.split.startswith("first_") else c.data.split
   c.data.known_threshold = 0.0  # a random model knows nothing; keep every fact

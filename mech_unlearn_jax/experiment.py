@@ -57,6 +57,7 @@ class DataSpec:
   split: str = "first_16"
   known_threshold: float = 0.5
   known_normalization: str = "candidates"
+  max_facts: int = 0
   max_pool: int = 0
   max_maintain_eval: int = 64
   sequential_rounds: int = 1
@@ -217,6 +218,8 @@ def knowledge_stage(model, tokenizer, spec: ExperimentSpec, workdir: pathlib.Pat
     facts = facts_lib.load_counterfact(spec.data.counterfact_path, spec.data.counterfact_mc_path or None)
     fmt = formats_lib.counterfact_formats(few_shot=(), seed=spec.seed)["standard"]
     first_token = True
+  if spec.data.max_facts:
+    facts = facts[: spec.data.max_facts]
   if path.is_file():
     record = json.loads(path.read_text())
     p_true = np.asarray(record["p_true"])
