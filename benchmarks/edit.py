@@ -1,0 +1,233 @@
+"""Edit-step benchmark on the default model: one AdamW step, localized vs all blocks.
+
+  python -m benchmarks.edit                # both cases, each in its own subprocess
+  python -m benchmarks.edit --case=mlps    # one case in this process
+
+Fixed workload per optimizer step: 32 sports facts in the standard one-shot prompt
+(CE toward the edit target at the last token, full vocabulary) plus 8 retain windows
+of 46 tokens (next-token CE at every position), AdamW, global-norm clip 1.0. Cases:
+  mlps:   the MLPs of layers 2-7 trainable (a fact-lookup-sized edit), run both in
+          one batch and with 2 accumulated micro-batches (lower peak memory);
+  blocks: every attention and MLP matrix trainable (the "nonlocalized" baseline).
+Prints compile time, step time, MFU (analytic forward+backward FLOPs of the work the
+mask requires / step time / an fp32 matmul peak timed in the same process), the FLOPs
+XLA reports for the compiled step, optimizer-state bytes and peak RSS. Each case runs
+in a fresh subprocess so that peak RSS is per case.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from benchmarks import common
+from mech_unlearn_jax import edit
+from mech_unlearn_jax.batch import make_fact_batch
+from mech_unlearn_jax.models import loaders
+from mech_unlearn_jax.models.config import TransformerConfig
+from mech_unlearn_jax.models.transformer import parameters_by_label
+
+_CASE = flags.DEFINE_enum("case", None, ["mlps", "blocks"], "Run one case here; default: both in subprocesses.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the compile step (best is reported).")
+_MODEL = flags.DEFINE_string("model", "default", "Model spec for `load_model`.")
+_MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
+
+PROMPT = "Fact: Tiger Woods plays the sport of golf\nFact: {} plays the sport of"
+NUM_FACTS, NUM_WINDOWS, WINDOW = 32, 8, 46
+_MLP = ("gating_linear", "value_linear", "out_linear")
+_ATTN = ("query", "key", "value", "output")
+
+
+def case_mask(model, case: str) -> dict[str, bool]:
+  def trainable(label: str) -> bool:
+    parts = label.split("/")
+    if len(parts) < 4 or not parts[1].startswith("block_"):
+      return False
+    layer, group, name = int(parts[1][len("block_"):]), parts[2], parts[3].split(".")[0]
+    if case == "mlps":
+      return group == "mlp" and name in _MLP and 2 <= layer <= 7
+    return (group == "mlp" and name in _MLP) or (group == "attention" and name in _ATTN)
+
+  return {label: trainable(label) for label in parameters_by_label(model)}
+
+
+def step_flops(config: TransformerConfig, mask: dict[str, bool], fact_lengths, text_lengths) -> float:
+  """Analytic FLOPs of forward + the backward the mask requires (useful work).
+
+  Forward: weight matmuls per real token, attention (causal half, window-limited on
+  local layers), unembedding at the last token of each fact and at every text
+  position. Backward: the unembedding's input gradient; per layer, the input
+  gradient of every op above the lowest trainable matrix (attention core x2: both
+  operands) and the weight gradient of trainable matrices. Frozen weights below the
+  lowest trainable matrix and the frozen embedding get no gradient.
+  """
+  d, p, f = config.embedding_dim, config.head_dim, config.mlp_hidden_dim
+  h, kv = config.num_heads, config.num_kv_heads
+  mat = {  # per-token forward FLOPs of each weight matmul
+      "query": 2 * d * h * p, "key": 2 * d * kv * p, "value": 2 * d * kv * p,
+      "output": 2 * h * p * d, "gating_linear": 2 * d * f, "value_linear": 2 * d * f,
+      "out_linear": 2 * f * d,
+  }
+  # Bottom-to-top order of ops inside a block; "core" is scores + weighted sum.
+  order = [("query", "key", "value"), ("core",), ("output",), ("gating_linear", "value_linear"), ("out_linear",)]
+
+  def trained(layer, name):
+    group = "attention" if name in _ATTN else "mlp"
+    return bool(np.any(mask.get(f"transformer/block_{layer}/{group}/{name}.weights", False)))
+
+  lowest = None  # (layer, position in `order`) of the lowest trainable matrix
+  for layer in range(config.num_layers):
+    for pos, group in enumerate(order):
+      if lowest is None and any(n != "core" and trained(layer, n) for n in group):
+        lowest = (layer, pos)
+  total = 0.0
+  for lengths, logit_rows_per_seq in ((fact_lengths, 1), (text_lengths, None)):
+    for n in lengths:
+      total += 2 * d * config.vocab_size * (logit_rows_per_seq or n) * (2 if lowest else 1)
+      for layer in range(config.num_layers):
+        span = n if config.layer_types[layer] == "global" else min(n, config.sliding_window)
+        core = 4 * h * p * n * span / 2
+        for pos, group in enumerate(order):
+          for name in group:
+            fwd = core if name == "core" else mat[name] * n
+            total += fwd
+            if lowest is None:
+              continue
+            above = (layer, pos) > lowest
+            if name == "core":
+              total += 2 * fwd if above else 0
+            else:
+              total += fwd if above else 0  # input gradient
+              total += fwd if trained(layer, name) else 0  # weight gradient
+  return total
+
+
+def run_case(case: str) -> dict[str, float]:
+  from mech_unlearn_jax.data.facts import load_sports_facts  # pylint: disable=g-import-not-at-top
+  from mech_unlearn_jax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  peak = common.matmul_peak_flops(n=2048)
+  t = time.perf_counter()
+  model = loaders.load_model(_MODEL.value)
+  load_s = time.perf_counter() - t
+  tokenizer = Tokenizer.from_gguf(loaders.default_gguf_path())
+  facts = [x for x in load_sports_facts() if x.inject_sport_without_golf][:NUM_FACTS]
+  forget = make_fact_batch(
+      tokenizer,
+      [PROMPT.format(x.athlete) for x in facts],
+      [x.athlete for x in facts],
+      [tokenizer.single_token_id(" " + x.inject_sport_without_golf) for x in facts],
+      pad_id=tokenizer.pad_id or 0,
+  )
+  rng = np.random.default_rng(0)
+  # Random-token windows: the step's cost does not depend on the text.
+  tokens = rng.integers(3, model.config.vocab_size, (NUM_WINDOWS, WINDOW)).astype(np.int32)
+  tokens[:, 0] = tokenizer.bos_id
+  retain = edit.TextBatch(tokens, np.tile(np.arange(WINDOW, dtype=np.int32), (NUM_WINDOWS, 1)))
+  config = edit.EditConfig(
+      num_steps=50, learning_rate=1e-5, forget_batch_size=NUM_FACTS, retain_batch_size=NUM_WINDOWS,
+      num_microbatches=_MICRO.value,
+  )
+  batch = edit.split_microbatches(edit.EditBatch(forget=forget, retain=retain), config.num_microbatches)
+  mask = case_mask(model, case)
+  trainable, frozen, update_mask = edit.split_model(model, mask)
+  state = jax.device_put(edit.init_state(trainable, config), jax.devices()[0])
+  del trainable
+  rng_key = jax.random.key(0)
+  kwargs = dict(frozen=frozen, update_mask=update_mask, loss_fn=edit.EditLoss(config), config=config)
+
+  t = time.perf_counter()
+  lowered = edit.train_step.lower(state, batch, rng_key, **kwargs)
+  trace_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  # Any op other than a parameter with a [vocab, embedding] or [embedding, vocab]
+  # result (an embedding gradient, a transposed copy of the table) shows up here.
+  v, d = model.config.vocab_size, model.config.embedding_dim
+  table_shapes = (f"f32[{v},{d}]", f"f32[{d},{v}]")
+  table_ops = sum(
+      1 for line in compiled.as_text().splitlines()
+      if " = " in line and line.split(" = ", 1)[1].startswith(table_shapes)
+      and "parameter(" not in line and " bitcast(" not in line
+  )
+
+  step = functools.partial(edit.train_step, **kwargs)
+  t = time.perf_counter()
+  state, metrics = step(state, batch, rng_key)
+  jax.block_until_ready((state, metrics))
+  first_step_s = time.perf_counter() - t
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    state, metrics = step(state, batch, rng_key)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  best = min(times)
+  # The machine may be shared: time the peak again and keep the higher one, so the
+  # MFU is not flattered by a peak measured while something else was running.
+  peak = max(peak, common.matmul_peak_flops(n=2048))
+  fact_lengths = [int((row >= 0).sum()) for row in forget.positions_BxL]
+  flops = step_flops(model.config, mask, fact_lengths, [WINDOW] * NUM_WINDOWS)
+  return {
+      "case": case,
+      "microbatches": _MICRO.value,
+      "trained_params": int(sum(np.prod(x.shape) for x in state.params.values())),
+      "fact_prompt_tokens_padded": int(forget.tokens_BxL.shape[1]),
+      "model_load_s": load_s,
+      "trace_s": trace_s,
+      "compile_s": compile_s,
+      "first_step_s": first_step_s,
+      "step_s_best": best,
+      "step_s_median": float(np.median(times)),
+      "analytic_gflop": flops / 1e9,
+      "xla_gflop": xla_flops / 1e9,
+      "peak_gflops": peak / 1e9,
+      "mfu": flops / best / peak,
+      "mfu_xla_flops": xla_flops / best / peak,
+      "opt_state_mb": edit.optimizer_state_bytes(state.opt_state) / 2**20,
+      "peak_rss_gb": common.peak_rss_bytes() / 2**30,
+      "vocab_x_embedding_ops": table_ops,
+      "loss": float(metrics["loss"]),
+  }
+
+
+def main(argv):
+  del argv
+  if _CASE.value:
+    print("RESULT " + json.dumps(run_case(_CASE.value)), flush=True)
+    return
+  results = []
+  for case, micro in (("mlps", _MICRO.value), ("mlps", 2), ("blocks", _MICRO.value)):
+    cmd = [sys.executable, "-m", "benchmarks.edit", f"--case={case}", f"--steps={_STEPS.value}",
+           f"--model={_MODEL.value}", f"--microbatches={micro}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not lines:
+      sys.exit(f"case {case} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    results.append(json.loads(lines[-1][len("RESULT "):]))
+  print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
+  keys = list(results[0])
+  width = max(len(k) for k in keys)
+  for key in keys:
+    row = [r[key] for r in results]
+    cells = [f"{v:>12.4g}" if isinstance(v, float) else f"{v!s:>12}" for v in row]
+    print(f"{key:<{width}} " + " ".join(cells))
+  a, _, b = results
+  print(f"mlps/blocks: step time {a['step_s_best'] / b['step_s_best']:.2f}x,"
+        f" optimizer state {a['opt_state_mb'] / b['opt_state_mb']:.3f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
