@@ -45,7 +45,7 @@ def prompts_to_batch(
     wrong_ids.append([i for j, i in enumerate(ids) if j != index and i != ids[index]])
   batch = make_fact_batch(
       tokenizer, [p.text for p in rows], [p.subject for p in rows], answer_ids, wrong_ids,
-      pad_id=getattr(tokenizer, "pad_id", 0),
+      pad_id=getattr(tokenizer, "pad_id", 0), multiple=16,
   )
   return batch, keep
 

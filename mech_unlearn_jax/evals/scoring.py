@@ -79,6 +79,18 @@ def _score_chunk(unbound, params, tokens, positions, candidates):
   }
 
 
+def _bucket(n: int, cap: int) -> int:
+  """Rows a chunk of `n` is padded to: a power of two (>= 8) up to `cap`.
+
+  Few distinct shapes means few traces and compiles of the jitted scorer, which for
+  small evaluation cells cost more than the padded rows.
+  """
+  size = 8
+  while size < n:
+    size *= 2
+  return min(max(size, n), max(cap, n))
+
+
 def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64) -> FactScores:
   """Scores every example of `batch` at its last position, in jitted chunks."""
   unbound, params = pz.unbind_params(model, freeze=True)
@@ -90,9 +102,9 @@ def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64) -> FactScore
     positions = batch.positions_BxL[start:stop]
     cands = candidates[start:stop]
     n = stop - start
-    if n < chunk_size and batch.size > chunk_size:
-      # Pad the last chunk to the common shape so it reuses the compiled function.
-      pad = chunk_size - n
+    pad = _bucket(n, chunk_size) - n
+    if pad:
+      # Repeat the last row so the padded chunk reuses a compiled shape.
       tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
       positions = np.concatenate([positions, np.repeat(positions[-1:], pad, 0)])
       cands = np.concatenate([cands, np.repeat(cands[-1:], pad, 0)])
