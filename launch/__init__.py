@@ -1,0 +1,1 @@
+"""Thin absl entry points; each parses flags and calls one library function."""

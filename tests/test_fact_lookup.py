@@ -1,0 +1,236 @@
+"""Probes, fact-lookup patching and rule, and the localization pipeline on a tiny model."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz
+
+from configs import localize_sports
+from mech_unlearn_jax.batch import FactBatch
+from mech_unlearn_jax.localize import fact_lookup as fl
+from mech_unlearn_jax.localize import masks as M
+from mech_unlearn_jax.localize import pipeline
+from mech_unlearn_jax.localize import probes
+from mech_unlearn_jax.models import config as config_lib
+from mech_unlearn_jax.models import forward, transformer
+
+TINY = config_lib.get_preset("tiny-gemma3")
+
+
+# ----------------------------------------------------------------------------------
+# Probes.
+
+
+def _separable(rng, n_per_class=80, dim=16, classes=3):
+  labels = np.repeat(np.arange(classes), n_per_class)
+  noise = rng.normal(size=(labels.size, dim))
+  means = rng.normal(size=(classes, dim)) * 4.0
+  informative = noise + means[labels]
+  return np.stack([rng.normal(size=(labels.size, dim)), informative]), labels
+
+
+def test_probes_find_linear_structure_and_not_noise():
+  rng = np.random.default_rng(0)
+  acts, labels = _separable(rng)
+  result = probes.train_and_evaluate(acts, labels, 3, probes.ProbeConfig(seed=1))
+  assert result.test_accuracy[1] >= 0.95 and result.train_accuracy[1] >= 0.95
+  assert result.test_accuracy[0] < 0.6  # pure noise stays near chance on held-out data
+  assert result.test_index.size == 60 and np.intersect1d(result.train_index, result.test_index).size == 0
+  fresh, fresh_labels = _separable(np.random.default_rng(0))
+  np.testing.assert_allclose(result.probes.accuracy(fresh, fresh_labels), [result.probes.accuracy(fresh, fresh_labels)[0], 1.0], atol=0.05)
+
+
+def test_split_is_seeded_and_stratified():
+  labels = np.array([0] * 20 + [1] * 8 + [2] * 2)
+  a = probes.split_indices(labels, 0.25, seed=3)
+  b = probes.split_indices(labels, 0.25, seed=3)
+  c = probes.split_indices(labels, 0.25, seed=4)
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.array_equal(a[1], c[1])
+  assert [int((labels[a[1]] == k).sum()) for k in range(3)] == [5, 2, 0]  # rounding keeps 1 train example of class 2
+  with pytest.raises(ValueError, match="test_fraction"):
+    probes.split_indices(labels, 1.0, seed=0)
+
+
+def test_subject_last_columns():
+  mask = np.array([[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], bool)
+  np.testing.assert_array_equal(probes.subject_last_columns(mask), [2, 0, 3])
+  with pytest.raises(ValueError, match="rows \\[1\\]"):
+    probes.subject_last_columns(np.array([[1, 0], [0, 0]], bool))
+
+
+# ----------------------------------------------------------------------------------
+# Patching on the tiny model.
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  return transformer.build_transformer(TINY, jax.random.key(0))
+
+
+def _tiny_batch(size=6, seed=0):
+  spec = pipeline.DataSpec(dataset="synthetic", synthetic_size=size)
+  return pipeline.synthetic_facts(TINY, spec, seed)
+
+
+def test_corruption_touches_only_subject_tokens_and_is_seeded():
+  batch = _tiny_batch(8).batch
+  a = fl.corrupt_subject_tokens(batch, seed=0)
+  assert np.array_equal(a, fl.corrupt_subject_tokens(batch, seed=0))
+  assert not np.array_equal(a, fl.corrupt_subject_tokens(batch, seed=1))
+  same = a == batch.tokens_BxL
+  assert same[~batch.subject_mask_BxL].all()
+  assert not same[batch.subject_mask_BxL].all()
+
+
+def test_patched_runs_recover_the_clean_run_exactly(tiny_model):
+  """Adding the full clean-minus-corrupt residual at a block input restores the clean run."""
+  batch = _tiny_batch(6).batch
+  corrupt = fl.corrupt_subject_tokens(batch, seed=0)
+  unbound, params = pz.unbind_params(tiny_model, freeze=True)
+  clean, corr = fl._run_pair(unbound, params, batch, corrupt)
+  args = (jnp.asarray(batch.answer_ids_B), jnp.asarray(batch.wrong_ids_BxK))
+  zeros = jnp.zeros_like(corr[1])
+  ld = fl._patched_run(unbound, params, jnp.asarray(corrupt), jnp.asarray(batch.positions_BxL), zeros, zeros, *args)
+  np.testing.assert_allclose(ld, corr[3], atol=1e-4)
+  assert not np.allclose(clean[3], corr[3], atol=1e-3)
+  columns = np.tile(np.arange(batch.tokens_BxL.shape[1]), (batch.size, 1))
+  res_clean = probes.residuals_at(tiny_model, batch.tokens_BxL, batch.positions_BxL, columns)
+  res_corr = probes.residuals_at(tiny_model, corrupt, batch.positions_BxL, columns)
+  for layer in range(TINY.num_layers):
+    pre = zeros.at[layer].set(res_clean[layer] - res_corr[layer])
+    ld = fl._patched_run(unbound, params, jnp.asarray(corrupt), jnp.asarray(batch.positions_BxL), pre, zeros, *args)
+    np.testing.assert_allclose(ld, clean[3], atol=1e-3)
+  # The sublayer outputs the capture returns add up to the final residual stream.
+  final = res_clean[0][:, -1] + clean[0][:, :, -1].sum(0) + clean[1][:, :, -1].sum(0)
+  np.testing.assert_allclose(final, clean[2], atol=1e-3)
+  # Path patching the whole final-residual difference also gives the clean logit diff.
+  direct = fl._direct_to_final(unbound, params, corr[2], (clean[2] - corr[2])[None], *args)
+  np.testing.assert_allclose(direct[0], clean[3], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------
+# The rule.
+
+
+def test_choose_extraction_layers():
+  rule = fl.FLURule(extraction_fraction=0.5, max_extraction_layers=2)
+  scores = np.array([0.9, 0.1, 0.5, 0.3, 0.45, 0.2])
+  assert fl.choose_extraction_layers(scores, rule) == [2, 4]  # layer 0 is never one
+  assert fl.choose_extraction_layers(scores, fl.FLURule(max_extraction_layers=5)) == [2, 3, 4]
+  assert fl.choose_extraction_layers(-np.abs(scores), rule) == [1]  # all negative: the best one
+  assert fl.choose_extraction_layers(scores, fl.FLURule(extraction_layers=(3, 1))) == [1, 3]
+
+
+def test_choose_flu_layers_default_rule():
+  nan = float("nan")
+  enrichment = np.array([0.01, 0.30, 0.25, 0.015, 0.40, 0.03, nan, nan])
+  se = np.array([0.01, 0.05, 0.20, 0.01, 0.05, 0.01, nan, nan])
+  extraction = [6]
+  # Layer 2 is large but noisy (< 2 s.e.); the 2-layer gap between 1 and 4 is filled.
+  layers, trace = fl.choose_flu_layers(enrichment, None, extraction, fl.FLURule(), se)
+  assert trace["baseline"] == 0.0 and trace["passing_threshold"] == [1, 4, 5]
+  assert layers == [1, 2, 3, 4, 5] and not trace["fallback"]
+  layers, _ = fl.choose_flu_layers(enrichment, None, extraction, fl.FLURule(max_gap=1), se)
+  assert layers == [1, 4, 5]  # two layers missing between 1 and 4: not filled
+  layers, _ = fl.choose_flu_layers(enrichment, None, extraction, fl.FLURule(z=0.0, contiguous=False), se)
+  assert layers == [1, 2, 4, 5]
+  # The probe saturates at residual layer 3 (after block 2): MLPs 0..2 are candidates.
+  probe = np.array([0.3, 0.4, 0.8, 0.97, 0.99, 1.0, 1.0, 1.0, 1.0])
+  layers, trace = fl.choose_flu_layers(enrichment, probe, extraction, fl.FLURule(), se)
+  assert trace["probe_saturation_residual_layer"] == 3 and layers == [1]
+  # Candidates must precede the first extraction layer.
+  layers, _ = fl.choose_flu_layers(enrichment, None, [3, 6], fl.FLURule(), se)
+  assert layers == [1]
+  layers, trace = fl.choose_flu_layers(enrichment, None, extraction, fl.FLURule(threshold=5.0), se)
+  assert trace["fallback"] and layers == [4]
+  layers, trace = fl.choose_flu_layers(enrichment, None, extraction, fl.FLURule(layers=(2, 3)), se)
+  assert layers == [2, 3] and trace["overridden"] and trace["rule_layers"] == [1, 2, 3, 4, 5]
+  with pytest.raises(ValueError, match="outside"):
+    fl.choose_flu_layers(enrichment, None, extraction, fl.FLURule(layers=(9,)))
+  with pytest.raises(ValueError, match="baseline"):
+    fl.FLURule(baseline="first")
+
+
+def test_choose_flu_layers_paper_rule():
+  nan = float("nan")
+  # The last scored layer (5) sets the baseline; |diff| > 0.02 keeps layers on both sides.
+  enrichment = np.array([0.01, 0.30, 0.25, 0.015, 0.40, 0.29, nan, nan])
+  rule = fl.FLURule.paper(contiguous=False)
+  layers, trace = fl.choose_flu_layers(enrichment, None, [6], rule)
+  assert trace["baseline_layer"] == 5 and trace["baseline"] == pytest.approx(0.29)
+  assert layers == [0, 2, 3, 4]
+  layers, _ = fl.choose_flu_layers(enrichment, None, [6], fl.FLURule.paper())
+  assert layers == [0, 1, 2, 3, 4]
+  layers, _ = fl.choose_flu_layers(enrichment, None, [6], rule.replace(absolute=False))
+  assert layers == [4]
+
+
+# ----------------------------------------------------------------------------------
+# The pipeline with the launcher's tiny config.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  spec = pipeline.LocalizationSpec.from_dict(localize_sports.get_config("tiny").to_dict())
+  workdir = tmp_path_factory.mktemp("localize_tiny")
+  return spec, workdir, pipeline.run_localization(spec, workdir)
+
+
+def test_tiny_config_runs_end_to_end_and_writes_evidence(tiny_run):
+  spec, workdir, summary = tiny_run
+  assert spec.model == "tiny-gemma3" and spec.data.knowledge_threshold is None
+  evidence = json.loads((workdir / "fact_lookup" / "fact_lookup.json").read_text())
+  for key in ("layers", "extraction_layers", "enrichment", "extraction_direct", "extraction_total",
+              "probe_subject_last", "probe_final", "rule", "trace"):
+    assert key in evidence, key
+  assert len(evidence["probe_subject_last"]["test_accuracy"]) == TINY.num_layers + 1
+  assert evidence["layers"] == summary["fact_lookup"]["layers"]
+  assert all(0 <= l < TINY.num_layers for l in evidence["layers"])
+  assert evidence["rule"]["threshold"] == spec.fact_lookup.rule.threshold
+  for name in ("probe_curve", "extraction", "enrichment"):
+    data = (workdir / "fact_lookup" / f"{name}.png").read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 1000
+  assert not list(workdir.rglob("*.tmp"))
+  loaded = json.loads((workdir / "localization.json").read_text())
+  assert loaded["num_facts_used"] == spec.data.synthetic_size
+
+
+def test_tiny_run_writes_budget_matched_masks(tiny_run):
+  _, workdir, summary = tiny_run
+  expected = {"flu", "random", "random_mlps", "all_mlps", "nonlocalized",
+              "ap", "ap_mlps", "ct", "ct_mlps", "ap_per_matrix", "ct_per_matrix"}
+  assert set(summary["masks"]) == expected
+  budget = summary["masks"]["flu"]["trained_parameters"]
+  assert budget == len(summary["fact_lookup"]["layers"]) * M.unit_parameter_count(TINY, M.Unit(0, "mlp"))
+  for name in expected:
+    mask, meta = M.load_mask(workdir / "masks" / f"{name}.npz", TINY)
+    assert meta["trained_parameters"] == M.trained_parameter_count(mask, TINY)
+    if name not in ("all_mlps", "nonlocalized"):
+      assert meta["trained_parameters"] >= budget, name
+  ap = np.load(workdir / "scores" / "ap.npz")
+  assert "mlp_out0" in ap.files and "head_out2" in ap.files
+  assert math.isfinite(json.loads((workdir / "scores" / "ct.json").read_text())["noise_std"])
+
+
+def test_configs_load_and_convert():
+  for arg in (None, "counterfact"):
+    config = localize_sports.get_config(arg)
+    if arg == "counterfact":
+      config.data.path = "facts.csv"
+    spec = pipeline.LocalizationSpec.from_dict(config.to_dict())
+    assert spec.fact_lookup.rule.layers is None
+  assert spec.fact_lookup.rule.probe_saturation is None
+  config = localize_sports.get_config()
+  config.fact_lookup.layers = (3, 1)
+  assert pipeline.LocalizationSpec.from_dict(config.to_dict()).fact_lookup.rule.layers == (3, 1)
+  with pytest.raises(ValueError, match="unknown config arg"):
+    localize_sports.get_config("huge")
+  with pytest.raises(ValueError, match="data.path"):
+    pipeline.DataSpec(dataset="counterfact")
+  with pytest.raises(ValueError, match="unknown localization methods"):
+    pipeline.LocalizationSpec(methods=("magic",))
