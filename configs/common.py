@@ -55,9 +55,11 @@ def base_config(task: str = "sports", split: str = "first_16", method: str = "fa
 
   c.retain = ml_collections.ConfigDict()
   c.retain.source = "sampled"  # "sampled" (from the unedited model, cached) or a datasets source
-  c.retain.num_windows = 48
-  c.retain.window = 46
-  c.retain.heldout_windows = 16
+  # Sampling without a KV cache costs ~num_windows * window^2: keep the offline default
+  # small (it is cached after the first run); use a datasets source for more text.
+  c.retain.num_windows = 32
+  c.retain.window = 32
+  c.retain.heldout_windows = 8
 
   c.eval = ml_collections.ConfigDict()
   c.eval.formats = "standard,qa,mc,declarative,cloze"
