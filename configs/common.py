@@ -36,6 +36,13 @@ def base_config(task: str = "sports", split: str = "first_16", method: str = "fa
   c.localize = ml_collections.ConfigDict()
   c.localize.method = method
   c.localize.layers = ""  # explicit FLU MLP layers, e.g. "2,3,4,5"; empty = automatic rule
+  # The fact-lookup rule (see mech_unlearn_jax/localize/fact_lookup.py): MLP layers
+  # before the extraction layers whose enrichment score exceeds the threshold. The
+  # paper's CounterFact rule is baseline="last", absolute=True, threshold=0.02.
+  c.localize.flu_threshold = 0.05
+  c.localize.flu_baseline = "zero"
+  c.localize.flu_absolute = False
+  c.localize.flu_contiguous = False
   c.localize.score_mode = "reference"  # or "per_matrix"
   c.localize.num_prompts = 32
   c.localize.seed = 0
@@ -43,7 +50,7 @@ def base_config(task: str = "sports", split: str = "first_16", method: str = "fa
   c.edit = ml_collections.ConfigDict()
   c.edit.loss = "inject"  # "inject" (edit toward the target) or "unlearn" (-log(1-p))
   c.edit.lr = 1e-4
-  c.edit.steps = 50
+  c.edit.steps = 30
   c.edit.forget_coef = 1.0
   c.edit.maintain_coef = 1.0
   c.edit.retain_coef = 1.0

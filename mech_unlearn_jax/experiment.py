@@ -67,6 +67,10 @@ class DataSpec:
 class LocalizeSpec:
   method: str = "fact_lookup"
   layers: str = ""
+  flu_threshold: float = 0.05
+  flu_baseline: str = "zero"
+  flu_absolute: bool = False
+  flu_contiguous: bool = False
   score_mode: str = "reference"
   num_prompts: int = 32
   seed: int = 0
@@ -297,7 +301,14 @@ def localization_stage(model, tokenizer, pool, spec: ExperimentSpec, workdir: pa
     labels, num_classes = _class_labels(loc_facts, spec.data.task)
     result = fl.run_fact_lookup(
         model, batch, labels, num_classes,
-        fl.FactLookupConfig(seed=spec.localize.seed, max_patch_prompts=batch.size), corrupt,
+        fl.FactLookupConfig(
+            seed=spec.localize.seed, max_patch_prompts=batch.size,
+            rule=fl.FLURule(
+                threshold=spec.localize.flu_threshold, baseline=spec.localize.flu_baseline,
+                absolute=spec.localize.flu_absolute, contiguous=spec.localize.flu_contiguous,
+            ),
+        ),
+        corrupt,
     )
     fl.save_evidence(result, out / "fact_lookup", extra={"model": spec.model, "num_facts": batch.size})
     layers = list(result.layers)
