@@ -705,6 +705,7 @@ def train(
     data_split: Mapping[str, Any] | None = None,
     log_fn: Callable[[int, Mapping[str, float]], None] | None = _default_log,
     loss_fn: StepLoss | None = None,
+    max_checkpoints_to_keep: int | None = 2,
 ) -> EditResult:
   """Trains the masked parameters of `model`; resumes from `checkpoint_dir` if it holds one.
 
@@ -721,6 +722,8 @@ def train(
     log_fn: called as log_fn(step, metrics) one step late (so dispatch stays
       asynchronous), with `step` counting completed steps; None to disable.
     loss_fn: defaults to `EditLoss(config)`.
+    max_checkpoints_to_keep: older steps are deleted (None keeps all); resuming
+      needs only the latest.
 
   Returns:
     EditResult with the edited model (a copy), final state and metric history.
@@ -734,7 +737,7 @@ def train(
   manager = None
   state = None
   if checkpoint_dir is not None:
-    manager = ckpt.EditCheckpointManager(checkpoint_dir)
+    manager = ckpt.EditCheckpointManager(checkpoint_dir, max_to_keep=max_checkpoints_to_keep)
     meta = ckpt.run_metadata(
         model_config=model.config, model_spec=model_spec, edit_config=config, data_split=data_split
     )

@@ -92,7 +92,7 @@ def test_killed_run_resumes_to_the_same_parameters(tiny_model, data, uninterrupt
       resumed.state.opt_state, uninterrupted.state.opt_state,
   )
   with checkpoint.EditCheckpointManager(tmp_path) as manager:
-    assert manager.latest_step() == 6
+    assert manager.all_steps() == [4, 6]  # train keeps the latest two by default
     meta = manager.restore_meta()
     mask = manager.restore_mask()
   assert meta["step"] == 6
