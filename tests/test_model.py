@@ -232,3 +232,12 @@ def test_eval_shape_builds_without_memory():
   )
   sizes = {p.label: p.value.named_shape for p in params}
   assert sizes["transformer/block_0/attention/query.weights"]["projection"] == 128
+
+
+def test_token_embedding_lookup_matches_penzai(tiny_model):
+  lookup = tiny_model.embed.sublayers[0]
+  assert isinstance(lookup, pz.nn.EmbeddingLookup)  # selectors for penzai's class still match
+  tokens = pz.nx.wrap(jnp.array([[2, 5, 9], [7, 1, 0]])).tag("batch", "seq")
+  ours = lookup(tokens).untag("batch", "seq", "embedding").unwrap()
+  theirs = pz.nn.EmbeddingLookup(lookup.table)(tokens).untag("batch", "seq", "embedding").unwrap()
+  np.testing.assert_array_equal(ours, theirs)
