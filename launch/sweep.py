@@ -1,0 +1,30 @@
+"""Sweep the edit learning rate and forget coefficient; score standard-format metrics only.
+
+  python -m launch.sweep --config=configs/sports_first16.py:ap --workdir=runs/sweep_ap \
+      --lrs=1e-5,3e-5,1e-4 --forget_coefs=1
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/sports_first16.py", "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Sweep directory (one sub-workdir per setting).", required=True)
+flags.DEFINE_list("lrs", ["1e-5", "3e-5", "1e-4"], "Learning rates.")
+flags.DEFINE_list("forget_coefs", ["1"], "Forget-loss coefficients c_f.")
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from mech_unlearn_jax import experiment, sweep  # pylint: disable=g-import-not-at-top
+
+  logging.info("devices: %s", jax.devices())
+  base = experiment.ExperimentSpec.from_dict(FLAGS.config.to_dict())
+  rows = sweep.run_sweep(base, FLAGS.workdir, [float(x) for x in FLAGS.lrs], [float(x) for x in FLAGS.forget_coefs])
+  for row in sorted(rows, key=lambda r: -r["score"]):
+    print(row)
+
+
+if __name__ == "__main__":
+  app.run(main)
