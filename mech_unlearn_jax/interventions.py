@@ -13,6 +13,8 @@ Hooks provided here:
   * `Patch`: replaces the activation with a cached value where a mask is true.
   * `PatchFromBatch`: replaces it with the activation of another batch element.
   * `AddMaskedNoise`: adds `noise * mask` (causal tracing's subject-embedding noise).
+And `with_prefix` (`PrefixedAttention`): run only the suffix columns of a batch
+against cached keys/values of its prefix columns (for runs that share a prefix).
 
 Named axes of activations (penzai's vocabulary, see `models/transformer.py`):
 "batch", "seq", "embedding", "projection", "neurons" and the head axes "heads",
@@ -197,7 +199,7 @@ KV_POSITIONS = "kv_token_positions"
 _CAUSAL_MASKS = (pz.nn.ApplyCausalAttentionMask, pz.nn.ApplyCausalSlidingWindowAttentionMask)
 
 
-def _broadcast_like(x: pz.nx.NamedArray, ref: pz.nx.NamedArray, skip: str) -> pz.nx.NamedArray:
+def broadcast_like(x: pz.nx.NamedArray, ref: pz.nx.NamedArray, skip: str) -> pz.nx.NamedArray:
   """Adds the axes `ref` has and `x` lacks (except `skip`) by broadcasting."""
   extra = {a: n for a, n in ref.named_shape.items() if a not in x.named_shape and a != skip}
   return x + pz.nx.zeros(extra, dtype=x.dtype) if extra else x
@@ -223,13 +225,14 @@ class PrefixedAttention(pz.nn.Layer):
     query = attn.input_to_query(x, **side_inputs)
     key = attn.input_to_key(x, **side_inputs)
     value = attn.input_to_value(x, **side_inputs)
-    key = pz.nx.concatenate([_broadcast_like(self.prefix_keys, key, "seq"), key], "seq")
-    value = pz.nx.concatenate([_broadcast_like(self.prefix_values, value, "seq"), value], "seq")
+    key = pz.nx.concatenate([broadcast_like(self.prefix_keys, key, "seq"), key], "seq")
+    value = pz.nx.concatenate([broadcast_like(self.prefix_values, value, "seq"), value], "seq")
     weights = attn.query_key_to_attn((query, key), **side_inputs)
     return attn.attn_value_to_output((weights, value), **side_inputs)
 
 
-def _reading_kv_positions(attention: pz.nn.Attention, layer: int) -> pz.nn.Attention:
+def reading_kv_positions(attention: pz.nn.Attention, layer: int) -> pz.nn.Attention:
+  """A copy of `attention` whose causal mask reads key positions from `KV_POSITIONS`."""
   masks = pz.select(attention.query_key_to_attn).at_instances_of(_CAUSAL_MASKS)
   if masks.count() != 1:
     raise ValueError(f"layer {layer}: expected one causal (sliding-window) attention mask")
@@ -285,7 +288,7 @@ def with_prefix(
   if len(prefix_kv) != model.config.num_layers:
     raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {model.config.num_layers}")
   return _map_attention(
-      model, lambda attn, i: PrefixedAttention(_reading_kv_positions(attn, i), *prefix_kv[i])
+      model, lambda attn, i: PrefixedAttention(reading_kv_positions(attn, i), *prefix_kv[i])
   )
 
 

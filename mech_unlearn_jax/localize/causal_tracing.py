@@ -54,9 +54,6 @@ from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models.forward import named_inputs
 from mech_unlearn_jax.models.transformer import CausalLM
 
-_MASKERS = (pz.nn.ApplyCausalAttentionMask, pz.nn.ApplyCausalSlidingWindowAttentionMask)
-
-
 @dataclasses.dataclass(frozen=True)
 class CTConfig:
   """Causal tracing options.
@@ -247,6 +244,7 @@ class _BlockParts:
 
 
 def _block_parts(block, layer: int) -> _BlockParts:
+  """Splits a block into the pieces the batched core calls one by one."""
   attn_res, mlp_res = block.sublayers
   seq = attn_res.delta
   kinds = [isinstance(s, pz.nn.Attention) for s in getattr(seq, "sublayers", [])]
@@ -260,15 +258,7 @@ def _block_parts(block, layer: int) -> _BlockParts:
   out = attention.attn_value_to_output
   if not isinstance(out, pz.nn.Sequential) or not isinstance(out.sublayers[-1], pz.nn.Linear):
     raise ValueError(f"layer {layer}: attn_value_to_output must end with the output Linear")
-  if pz.select(attention.query_key_to_attn).at_instances_of(_MASKERS).count() != 1:
-    raise ValueError(
-        f"layer {layer}: expected one causal (sliding-window) mask in query_key_to_attn"
-    )
-  qk = (
-      pz.select(attention.query_key_to_attn)
-      .at_instances_of(_MASKERS)
-      .apply(lambda m: dataclasses.replace(m, kv_positions_input_name="kv_token_positions"))
-  )
+  qk = iv.reading_kv_positions(attention, layer).query_key_to_attn
   return _BlockParts(
       pre_attn=pz.nn.Sequential(seq.sublayers[:i]),
       attention=attention,
@@ -278,11 +268,6 @@ def _block_parts(block, layer: int) -> _BlockParts:
       post_attn=pz.nn.Sequential(seq.sublayers[i + 1 :]),
       mlp=mlp_res.delta,
   )
-
-
-def _broadcast_like(x: pz.nx.NamedArray, ref: pz.nx.NamedArray, skip: str) -> pz.nx.NamedArray:
-  extra = {a: n for a, n in ref.named_shape.items() if a not in x.named_shape and a != skip}
-  return x + pz.nx.zeros(extra, dtype=x.dtype) if extra else x
 
 
 def _rows_like(x0: pz.nx.NamedArray, n: int) -> pz.nx.NamedArray:
@@ -337,10 +322,10 @@ def _ct_traced(
       h_pre = parts.pre_attn(clean[iv.Site(l, "resid_pre")][{"seq": slice(0, start)}], token_positions=pos_pre)
       k_pre = attn.input_to_key(h_pre, token_positions=pos_pre)
       v_pre = attn.input_to_value(h_pre, token_positions=pos_pre)
-      k = pz.nx.concatenate([_broadcast_like(k_pre, k, "seq"), k], "seq")
-      v = pz.nx.concatenate([_broadcast_like(v_pre, v, "seq"), v], "seq")
+      k = pz.nx.concatenate([iv.broadcast_like(k_pre, k, "seq"), k], "seq")
+      v = pz.nx.concatenate([iv.broadcast_like(v_pre, v, "seq"), v], "seq")
     weights = parts.qk_to_attn(
-        (q, k), token_positions=pos_suf[{"seq": q_cols}], kv_token_positions=positions
+        (q, k), token_positions=pos_suf[{"seq": q_cols}], **{iv.KV_POSITIONS: positions}
     )
     z = parts.attn_to_z((weights, v))
     x = x[{"seq": q_cols}]
@@ -367,7 +352,7 @@ def _ct_traced(
       else:
         restored = mlp_clean[{"restoration": None}]
       x_new = x_mid[{"restoration": 0}] + restored
-      x = pz.nx.concatenate([x, _broadcast_like(x_new, x, "restoration")], "restoration")
+      x = pz.nx.concatenate([x, iv.broadcast_like(x_new, x, "restoration")], "restoration")
   hidden = model.final_norm(x[{"seq": -1}])
   q_rows = _answer_mass(model, hidden, prob_ids_BxK)
   return q_clean.untag("batch").unwrap(), q_rows.untag("restoration", "sample", "batch").unwrap()
@@ -402,9 +387,7 @@ def _first_subject_column(batch: FactBatch, config: CTConfig) -> int:
   return int(mask.any(0).argmax()) if config.reuse_prefix else 0
 
 
-def _assemble(
-    model, batch, config, std, q_clean, q_corrupt, q_rows_by_row, layout, start
-) -> CTResult:
+def _assemble(model, batch, config, std, q_clean, q_corrupt, q_rows_by_row, start) -> CTResult:
   """Builds a CTResult from per-prompt q's. q_rows_by_row: dict row key -> [B]."""
   num_layers = model.config.num_layers
   width = np.shape(batch.tokens_BxL)[1]
@@ -462,7 +445,7 @@ def causal_tracing(model: CausalLM, batch: FactBatch, config: CTConfig = CTConfi
   if q_rows.shape[0] != len(layout) + 1:
     raise AssertionError(f"batched core returned {q_rows.shape[0]} rows, expected {len(layout) + 1}")
   by_row = {key: q_rows[i + 1] for i, key in enumerate(layout)}
-  return _assemble(model, batch, config, std, q_clean, q_rows[0], by_row, layout, start)
+  return _assemble(model, batch, config, std, q_clean, q_rows[0], by_row, start)
 
 
 # ----------------------------------------------------------------------------------
@@ -529,4 +512,4 @@ def causal_tracing_unbatched(model: CausalLM, batch: FactBatch, config: CTConfig
       mask = (heads_1hot[h][..., None] & columns) if kind == "head" else columns
       masks = {**off, site: mask}
       by_row[key] += np.asarray(run(noise[sample], prob_ids, clean, masks)) / config.num_samples
-  return _assemble(model, batch, config, std, q_clean, q_corrupt, by_row, layout, 0)
+  return _assemble(model, batch, config, std, q_clean, q_corrupt, by_row, 0)
