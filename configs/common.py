@@ -111,3 +111,13 @@ def from_arg(arg: str | None, task: str, split: str) -> ml_collections.ConfigDic
     )
   c = base_config(task=task, split=split, method=methods[0] if methods else "fact_lookup")
   return make_tiny(c) if tiny else c
+
+
+def use_counterfact_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CounterFact formats and the paper's CounterFact FLU rule (|score - last| > 0.02)."""
+  c.eval.formats = "standard,paraphrase,neighborhood,mc"
+  c.localize.flu_threshold = 0.02
+  c.localize.flu_baseline = "last"
+  c.localize.flu_absolute = True
+  c.localize.flu_contiguous = True
+  return c

@@ -13,10 +13,5 @@ from configs import common
 
 def get_config(arg=None):
   c = common.from_arg(arg, task="counterfact", split="first_64")
-  c.eval.formats = "standard,paraphrase,neighborhood,mc"
-  # The paper's CounterFact FLU rule: |score - last layer's score| > 0.02, contiguous.
-  c.localize.flu_threshold = 0.02
-  c.localize.flu_baseline = "last"
-  c.localize.flu_absolute = True
-  c.localize.flu_contiguous = True
+  common.use_counterfact_defaults(c)
   return c

@@ -62,8 +62,8 @@ def get_config(arg=None):
   f.probe_seed = 0
 
   c.ap = ml_collections.ConfigDict()
-  c.ap.max_prompts = 128
-  c.ap.batch_size = 16
+  c.ap.max_prompts = 64
+  c.ap.batch_size = 64
 
   c.ct = ml_collections.ConfigDict()
   c.ct.max_prompts = 16

@@ -43,7 +43,7 @@ from penzai import pz
 
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import forward
-from mech_unlearn_jax.models.transformer import CausalLM, parameters_by_label
+from mech_unlearn_jax.models.transformer import CausalLM, TokenEmbeddingLookup, parameters_by_label
 
 # label -> bool (whole tensor) or bool array of the parameter's named-shape order.
 ParamMask = Mapping[str, Any]
@@ -214,25 +214,9 @@ class FrozenModel:
     return pz.bind_variables(unbound, values)
 
 
-@pz.pytree_dataclass
-class RowGatherEmbeddingLookup(pz.nn.Layer):
-  """`pz.nn.EmbeddingLookup` computed as a plain row gather (same values).
-
-  Penzai's lookup indexes the named table with `nmap`, which vectorizes over the
-  table's "embedding" axis: XLA then transposes and copies the whole [vocab,
-  embedding] table (671 MB for Gemma 3 270M) for every lookup, forward and backward.
-  Gathering rows of the untagged table, vectorized over the token axes only, avoids
-  both the copies and their time. `split_model` swaps it in (in the unbound copy).
-  """
-
-  table: pz.nn.EmbeddingTable
-
-  def __call__(self, token_index: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
-    table = self.table.embeddings.value
-    vocab = self.table.vocabulary_axis
-    others = [name for name in table.named_shape if name != vocab]
-    rows = table.untag(vocab, *others)
-    return pz.nx.nmap(lambda t, i: t[i])(rows, token_index).tag(*others)
+# The model's own row-gather lookup (no per-call copy of the embedding table);
+# `split_model` still swaps it in, so models built elsewhere get it too.
+RowGatherEmbeddingLookup = TokenEmbeddingLookup
 
 
 def _cast_floating(tree: Any, dtype) -> Any:

@@ -517,6 +517,12 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: pathlib.Path, title: s
 
 def run_experiment(spec: ExperimentSpec, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs (or resumes) the whole job; returns the results dict also written to disk."""
+  if spec.data.sequential_rounds != 1:
+    raise NotImplementedError(
+        f"config.data.sequential_rounds={spec.data.sequential_rounds}: sequential editing"
+        " (several rounds, each editing the previous round's model) is not implemented yet;"
+        " set it to 1"
+    )
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config_path = workdir / "config.json"
