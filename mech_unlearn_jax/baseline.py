@@ -82,7 +82,7 @@ def sports_baseline(model, tokenizer, source: str, spec: BaselineSpec) -> dict[s
 
 def counterfact_baseline(model, tokenizer, spec: BaselineSpec) -> dict[str, Any]:
   facts = facts_lib.load_counterfact(spec.counterfact_path, spec.counterfact_mc_path or None)
-  standard = formats_lib.counterfact_formats((), spec.seed)["standard"]
+  standard = formats_lib.CounterFactPromptFormat(name="standard", field="prompt")
   scores = _p_true(model, tokenizer, standard, facts, True, spec.batch_size)
   known = [f for f, p in zip(facts, scores.prob_full) if p >= spec.threshold]
   out = {

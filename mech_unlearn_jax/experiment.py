@@ -201,6 +201,10 @@ def _sports(include_golf: bool, seed: int):
   return formats_lib.sports_formats(include_golf=include_golf, seed=seed)
 
 
+def _counterfact_standard():
+  return formats_lib.CounterFactPromptFormat(name="standard", field="prompt")
+
+
 def _whole_sport(spec: ExperimentSpec) -> bool:
   return spec.data.split in splits_lib.WHOLE_SPORT_SPLITS
 
@@ -220,7 +224,7 @@ def knowledge_stage(model, tokenizer, spec: ExperimentSpec, workdir: pathlib.Pat
     first_token = False
   else:
     facts = facts_lib.load_counterfact(spec.data.counterfact_path, spec.data.counterfact_mc_path or None)
-    fmt = formats_lib.counterfact_formats(few_shot=(), seed=spec.seed)["standard"]
+    fmt = formats_lib.CounterFactPromptFormat(name="standard", field="prompt")
     first_token = True
   if spec.data.max_facts:
     facts = facts[: spec.data.max_facts]
@@ -289,7 +293,7 @@ def localization_stage(model, tokenizer, pool, spec: ExperimentSpec, workdir: pa
   method = spec.localize.method
   loc_facts = list(pool[: spec.localize.num_prompts])
   first_token = spec.data.task == "counterfact"
-  fmt = (_sports(False, spec.seed) if spec.data.task == "sports" else formats_lib.counterfact_formats((), spec.seed))["standard"]
+  fmt = _sports(False, spec.seed)["standard"] if spec.data.task == "sports" else _counterfact_standard()
   batch = _fact_batch(tokenizer, fmt, loc_facts, first_token=first_token)
   corrupt = pipeline.corrupt_tokens(model, tokenizer, batch, spec.localize.seed)
   evidence: dict[str, Any] = {"method": method, "num_prompts": batch.size}
@@ -380,7 +384,7 @@ def _targets_as_answers(split: splits_lib.Split, task: str) -> list[str]:
 def edit_stage(model, tokenizer, facts, split, mask, retain_train, spec: ExperimentSpec, workdir):
   """Trains the masked parameters; resumes from `workdir/checkpoints`."""
   sports = spec.data.task == "sports"
-  fmt = (_sports(_whole_sport(spec), spec.seed) if sports else formats_lib.counterfact_formats((), spec.seed))["standard"]
+  fmt = _sports(_whole_sport(spec), spec.seed)["standard"] if sports else _counterfact_standard()
   first_token = not sports
   forget = split.select(facts, "forget_train")
   unlearn = spec.edit.loss == "unlearn"

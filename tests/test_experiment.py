@@ -56,3 +56,16 @@ def test_edit_touches_only_the_mask(tmp_path):
   trained = {label for label, m in mask.items() if np.any(m)}
   assert changed and changed <= trained
   assert json.loads((tmp_path / "localization" / "localization.json").read_text())["mask"]["name"] == "random_mlps"
+
+
+def test_counterfact_tiny_end_to_end(tmp_path, reference_data_dir):
+  from configs import counterfact_16
+
+  config = counterfact_16.get_config("tiny")
+  config.data.counterfact_path = str(reference_data_dir / "counterfact_with_prompts.csv")
+  config.data.counterfact_mc_path = str(reference_data_dir / "counterfact_mc_questions.parquet")
+  config.eval.formats = "standard,mc"
+  spec = experiment.ExperimentSpec.from_dict(config.to_dict())
+  results = experiment.run_experiment(spec, tmp_path)
+  assert results["split"]["few_shot"] == 64 and results["split"]["forget_train"] == 4
+  assert {r["format"] for r in results["summary"]} == {"standard", "mc"}
