@@ -63,7 +63,8 @@ def subject_token_span(
 
   The subject's first occurrence is located in the text; a space right before it is
   counted as part of the subject because Gemma/Llama tokens carry their leading space.
-  Raises ValueError if the subject is absent or its boundaries split a token.
+  Raises ValueError if the subject is absent; a boundary inside a token widens the
+  span to the tokens that overlap the subject.
   """
   ids = tokenizer.encode(prompt, add_bos=True)
   subject = subject.strip()
@@ -73,13 +74,22 @@ def subject_token_span(
   char_stop = char_start + len(subject)
   if char_start > 0 and prompt[char_start - 1] == " ":
     char_start -= 1
-  before = tokenizer.encode(prompt[:char_start], add_bos=True) if char_start else tokenizer.encode("", add_bos=True)
+  before = tokenizer.encode(prompt[:char_start], add_bos=True)
   through = tokenizer.encode(prompt[:char_stop], add_bos=True)
-  if ids[: len(through)] != through or through[: len(before)] != before:
-    raise ValueError(
-        f"subject {subject!r} does not start and end on token boundaries in {prompt!r}"
-    )
-  return len(before), len(through), ids
+  # Usually both are prefixes of `ids`. When a boundary falls inside a token (e.g.
+  # "B.V." + "'s"), the span grows to include every token that overlaps the subject.
+  start = _common_prefix(before, ids)
+  stop = len(through) if ids[: len(through)] == through else _common_prefix(through, ids) + 1
+  if stop <= start:
+    raise ValueError(f"subject {subject!r} covers no token of {prompt!r}")
+  return start, min(stop, len(ids)), ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
 
 
 def make_fact_batch(
