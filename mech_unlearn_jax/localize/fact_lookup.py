@@ -648,7 +648,8 @@ def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title:
     ax.plot(xs, probe.train_accuracy, "--", color=color, alpha=0.4, label=f"{name}, train")
   sat = result.trace.get("probe_saturation_residual_layer")
   if sat is not None:
-    ax.axvline(sat, color="gray", ls=":", label=f"saturation (residual {sat})")
+    where = "embedding" if sat == 0 else f"after block {sat - 1}"
+    ax.axvline(sat, color="gray", ls=":", label=f"probe saturation ({where})")
   ax.set_xticks(xs)
   ax.set_xticklabels(["emb"] + [str(i) for i in range(n)], fontsize=7)
   ax.set_xlabel("residual stream after block")

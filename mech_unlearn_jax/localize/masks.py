@@ -427,6 +427,7 @@ def mask_to_named(
 
 
 def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to `path` via a temp file in the same folder and a rename."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
@@ -434,6 +435,10 @@ def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp creates the file 0600; give it the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -32,13 +32,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from mech_unlearn_jax.batch import FactBatch, make_fact_batch
+from mech_unlearn_jax import predict
+from mech_unlearn_jax.batch import FactBatch, make_fact_batch, subject_token_span
+from mech_unlearn_jax.data import facts as facts_lib
+from mech_unlearn_jax.data import formats
+from mech_unlearn_jax.evals import scoring
+from mech_unlearn_jax.localize import attribution_patching as ap
 from mech_unlearn_jax.localize import baselines as baselines_lib
+from mech_unlearn_jax.localize import causal_tracing as ct
+from mech_unlearn_jax.localize import corruption
 from mech_unlearn_jax.localize import fact_lookup as fl
 from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.localize import probes as probes_lib
 from mech_unlearn_jax.models import config as config_lib
-from mech_unlearn_jax.models import forward
+from mech_unlearn_jax.models import forward, loaders
 from mech_unlearn_jax.models.transformer import CausalLM, build_transformer
 
 METHODS = ("fact_lookup", "ap", "ct")
@@ -183,8 +190,6 @@ def load_model_for(spec: LocalizationSpec) -> tuple[CausalLM, Any]:
   """(model, tokenizer or None): a "tiny-*" preset gives a random model, no tokenizer."""
   if spec.model.startswith("tiny") and spec.model in config_lib.PRESETS:
     return build_transformer(config_lib.get_preset(spec.model), jax.random.key(spec.model_seed)), None
-  from mech_unlearn_jax import predict  # pylint: disable=g-import-not-at-top
-  from mech_unlearn_jax.models import loaders  # pylint: disable=g-import-not-at-top
 
   return loaders.load_model(spec.model), predict.load_tokenizer(spec.model)
 
@@ -242,8 +247,6 @@ def synthetic_facts(config: config_lib.TransformerConfig, spec: DataSpec, seed: 
 
 def _with_locatable_subjects(tokenizer, facts: list, prompt_subjects: Sequence[tuple[str, str]]) -> list:
   """Facts whose subject starts and ends on token boundaries (others are logged, skipped)."""
-  from mech_unlearn_jax.batch import subject_token_span  # pylint: disable=g-import-not-at-top
-
   keep = []
   for fact, (prompt, subject) in zip(facts, prompt_subjects):
     try:
@@ -256,9 +259,6 @@ def _with_locatable_subjects(tokenizer, facts: list, prompt_subjects: Sequence[t
 
 
 def _sports_prompts(tokenizer, spec: DataSpec):
-  from mech_unlearn_jax.data import facts as facts_lib  # pylint: disable=g-import-not-at-top
-  from mech_unlearn_jax.data import formats  # pylint: disable=g-import-not-at-top
-
   facts = facts_lib.load_sports_facts(spec.path)
   if spec.max_facts:
     facts = facts[: spec.max_facts]
@@ -279,9 +279,6 @@ def _sports_prompts(tokenizer, spec: DataSpec):
 
 
 def _counterfact_prompts(tokenizer, spec: DataSpec):
-  from mech_unlearn_jax.data import facts as facts_lib  # pylint: disable=g-import-not-at-top
-  from mech_unlearn_jax.data import formats  # pylint: disable=g-import-not-at-top
-
   facts = facts_lib.load_counterfact(spec.path)
   if spec.max_facts:
     facts = facts[: spec.max_facts]
@@ -315,8 +312,6 @@ def build_facts(model: CausalLM, tokenizer, spec: LocalizationSpec) -> FactSet:
   make = _sports_prompts if data.dataset == "sports" else _counterfact_prompts
   batch, labels, names, records, measure = make(tokenizer, data)
   num_read = batch.size
-  from mech_unlearn_jax.evals import scoring  # pylint: disable=g-import-not-at-top
-
   scores = scoring.score_facts(model, batch, chunk_size=spec.chunk_size)
   prob = getattr(scores, measure)
   for record, p in zip(records, prob):
@@ -353,8 +348,6 @@ def build_facts(model: CausalLM, tokenizer, spec: LocalizationSpec) -> FactSet:
 
 def corrupt_tokens(model: CausalLM, tokenizer, batch: FactBatch, seed: int) -> np.ndarray:
   """Subject tokens replaced at random (the AP corruption; shared by FLU and AP)."""
-  from mech_unlearn_jax.localize import corruption  # pylint: disable=g-import-not-at-top
-
   if tokenizer is None:
     return corruption.random_token_replacement(
         batch.tokens_BxL, batch.subject_mask_BxL, np.arange(16, model.config.vocab_size), seed
@@ -440,8 +433,6 @@ def run_localization(spec: LocalizationSpec, workdir: str | os.PathLike) -> dict
     summary["timings_s"]["fact_lookup"] = time.time() - t
 
   if "ap" in spec.methods:
-    from mech_unlearn_jax.localize import attribution_patching as ap  # pylint: disable=g-import-not-at-top
-
     t = time.time()
     n = min(facts.batch.size, spec.ap.max_prompts)
     res = ap.attribution_patching(
@@ -460,8 +451,6 @@ def run_localization(spec: LocalizationSpec, workdir: str | os.PathLike) -> dict
     summary["timings_s"]["ap"] = time.time() - t
 
   if "ct" in spec.methods:
-    from mech_unlearn_jax.localize import causal_tracing as ct  # pylint: disable=g-import-not-at-top
-
     t = time.time()
     n = min(facts.batch.size, spec.ct.max_prompts)
     res = ct.causal_tracing(model, facts.batch.slice(0, n), ct.CTConfig(
