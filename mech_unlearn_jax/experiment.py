@@ -141,9 +141,6 @@ class ExperimentSpec:
     return spec
 
   def validate(self) -> None:
-    from mech_unlearn_jax.localize import pipeline  # pylint: disable=g-import-not-at-top
-
-    del pipeline
     methods = ("fact_lookup", "ap", "ct", "ap_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized")
     checks = [
         (self.data.task in ("sports", "counterfact"), "config.data.task", "'sports' or 'counterfact'", self.data.task),
@@ -376,11 +373,6 @@ def retain_stage(model, tokenizer, spec: ExperimentSpec):
   return (tokens[:n_train], positions[:n_train]), (tokens[n_train:], positions[n_train:])
 
 
-def _targets_as_answers(split: splits_lib.Split, task: str) -> list[str]:
-  # Sports targets are sport names ("golf"); formats take them as names too.
-  return list(split.forget_train_targets)
-
-
 def edit_stage(model, tokenizer, facts, split, mask, retain_train, spec: ExperimentSpec, workdir):
   """Trains the masked parameters; resumes from `workdir/checkpoints`."""
   sports = spec.data.task == "sports"
@@ -470,14 +462,12 @@ def summarize(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[
     e = index.get((c["format"], c["facts"], c["answer"]))
     if e is None:
       continue
-    metric = "prob_full" if c["format"] in ("paraphrase", "neighborhood", "standard") and c.get("chance", 0) == 0.5 else "prob_normalized"
     rows.append({
         "format": c["format"], "facts": c["facts"], "answer": c["answer"], "n": c["n"],
         "unedited_prob": c["prob_normalized"], "edited_prob": e["prob_normalized"],
         "unedited_argmax": c["argmax_candidates"], "edited_argmax": e["argmax_candidates"],
         "unedited_prob_full": c["prob_full"], "edited_prob_full": e["prob_full"],
     })
-    del metric
   return rows
 
 
