@@ -1,35 +1,40 @@
-"""Layer-wise linear probes on the residual stream.
+"""Fact-lookup probes: where in the residual stream the attribute becomes decodable.
+
+The probe itself (logistic regression, seeded split, intervals) lives in
+`mech_unlearn_jax/probes.py`; its names are re-exported here so fact-lookup code can
+keep using `probes_lib.ProbeConfig` etc. What is specific to fact lookup is which
+activations are probed.
 
 Residual "layer" index r = 0 is the (scaled) token embedding, r = i + 1 the residual
 stream after block i, so a model with n blocks has n + 1 probe layers. Activations
 are read at one column per prompt: the subject's last token ("subject_last") or the
 final prompt token ("final").
 
-A probe is multinomial logistic regression on standardized activations (mean and
-scale from the training split), trained full-batch with optax Adam and an L2 penalty
-on the weights; all layers are trained at once (vmapped) in one jitted scan. The
-train/test split is seeded and stratified by class.
-
-The same probes serve as a latent-knowledge test after an edit: fit on the maintain
-athletes' true sports (`fit_probes`), then `LinearProbes.accuracy` on the edited
-athletes' activations against their true (or injected) sports.
+The latent-knowledge test after an edit (probes fit on maintain facts, applied to
+edited ones) is `mech_unlearn_jax/evals/latent.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from penzai import pz
 
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import forward
 from mech_unlearn_jax.models.transformer import CausalLM
+from mech_unlearn_jax.probes import (  # pylint: disable=unused-import  (re-exported for fact lookup)
+    LinearProbes,
+    ProbeConfig,
+    ProbeResult,
+    accuracy_with_interval,
+    fit_probes,
+    split_indices,
+    train_and_evaluate,
+)
 
 Position = Literal["subject_last", "final"]
 
@@ -109,156 +114,7 @@ def batch_activations(
 
 
 # ----------------------------------------------------------------------------------
-# Probes.
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeConfig:
-  """Training settings of the logistic-regression probes.
-
-  Attributes:
-    l2: weight of the L2 penalty on the probe weights (added to the mean CE).
-    steps: full-batch Adam steps.
-    learning_rate: Adam learning rate.
-    test_fraction: held-out share of examples (per class, stratified).
-    seed: seeds the split.
-  """
-
-  l2: float = 1e-3
-  steps: int = 300
-  learning_rate: float = 0.05
-  test_fraction: float = 0.25
-  seed: int = 0
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LinearProbes:
-  """One multinomial logistic-regression probe per layer (leading axis = layer)."""
-
-  weights_LxDxC: jax.Array
-  bias_LxC: jax.Array
-  mean_LxD: jax.Array
-  scale_LxD: jax.Array
-
-  def logits(self, acts_LxNxD) -> jax.Array:
-    x = (jnp.asarray(acts_LxNxD) - self.mean_LxD[:, None]) / self.scale_LxD[:, None]
-    return jnp.einsum("lnd,ldc->lnc", x, self.weights_LxDxC) + self.bias_LxC[:, None]
-
-  def predict(self, acts_LxNxD) -> np.ndarray:
-    return np.asarray(jnp.argmax(self.logits(acts_LxNxD), axis=-1))
-
-  def accuracy(self, acts_LxNxD, labels_N) -> np.ndarray:
-    """[L] fraction of examples whose predicted class equals `labels_N`."""
-    labels = np.asarray(labels_N)
-    return (self.predict(acts_LxNxD) == labels[None]).mean(axis=1)
-
-
-def split_indices(
-    labels_N: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Seeded split stratified by label: (train indices, test indices), both sorted."""
-  if not 0.0 <= test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-  labels = np.asarray(labels_N)
-  rng = np.random.default_rng(seed)
-  test = []
-  for c in np.unique(labels):
-    idx = np.flatnonzero(labels == c)
-    rng.shuffle(idx)
-    n_test = int(round(test_fraction * idx.size))
-    # Keep at least one training example per class.
-    n_test = min(n_test, idx.size - 1)
-    test.extend(idx[:n_test].tolist())
-  test = np.sort(np.asarray(test, dtype=np.int64))
-  train = np.setdiff1d(np.arange(labels.size), test)
-  return train, test
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
-def _fit(acts_LxNxD, labels_N, l2, learning_rate, *, num_classes, steps):
-  acts = acts_LxNxD.astype(jnp.float32)
-  mean = acts.mean(axis=1)
-  # Residual streams have a few huge dimensions; standardizing keeps Adam well scaled.
-  scale = acts.std(axis=1) + 1e-6
-  x = (acts - mean[:, None]) / scale[:, None]
-  onehot = jax.nn.one_hot(labels_N, num_classes)
-  num_layers, _, dim = acts.shape
-  params = (
-      jnp.zeros((num_layers, dim, num_classes), jnp.float32),
-      jnp.zeros((num_layers, num_classes), jnp.float32),
-  )
-
-  def loss_fn(params):
-    w, b = params
-    logits = jnp.einsum("lnd,ldc->lnc", x, w) + b[:, None]
-    ce = -(onehot[None] * jax.nn.log_softmax(logits)).sum(-1).mean(-1)
-    # Sum over layers: the layers' probes are independent, so each gets its own gradient.
-    return (ce + l2 * (w**2).sum(axis=(1, 2))).sum()
-
-  tx = optax.adam(learning_rate)
-
-  def step(carry, _):
-    params, opt_state = carry
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), None
-
-  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-  return LinearProbes(params[0], params[1], mean, scale)
-
-
-def fit_probes(
-    acts_LxNxD, labels_N, num_classes: int, config: ProbeConfig = ProbeConfig()
-) -> LinearProbes:
-  """Fits one probe per layer on all given examples."""
-  acts = np.asarray(acts_LxNxD, dtype=np.float32)
-  labels = np.asarray(labels_N, dtype=np.int32)
-  if acts.ndim != 3 or acts.shape[1] != labels.shape[0]:
-    raise ValueError(
-        f"acts_LxNxD has shape {acts.shape}, expected [layers, {labels.shape[0]}, dim]"
-    )
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"labels must lie in 0..{num_classes - 1}")
-  return _fit(
-      jnp.asarray(acts), jnp.asarray(labels), config.l2, config.learning_rate,
-      num_classes=num_classes, steps=config.steps,
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeResult:
-  """Probes fit on a seeded split, with their accuracy per layer."""
-
-  probes: LinearProbes
-  train_accuracy: np.ndarray
-  test_accuracy: np.ndarray
-  train_index: np.ndarray
-  test_index: np.ndarray
-
-  def to_json(self) -> dict:
-    return {
-        "train_accuracy": [float(a) for a in self.train_accuracy],
-        "test_accuracy": [float(a) for a in self.test_accuracy],
-        "num_train": int(self.train_index.size),
-        "num_test": int(self.test_index.size),
-    }
-
-
-def train_and_evaluate(
-    acts_LxNxD, labels_N, num_classes: int, config: ProbeConfig = ProbeConfig()
-) -> ProbeResult:
-  """Splits (seeded, stratified), fits per-layer probes, reports train/test accuracy."""
-  acts = np.asarray(acts_LxNxD, dtype=np.float32)
-  labels = np.asarray(labels_N, dtype=np.int32)
-  train, test = split_indices(labels, config.test_fraction, config.seed)
-  probes = fit_probes(acts[:, train], labels[train], num_classes, config)
-  train_acc = probes.accuracy(acts[:, train], labels[train])
-  test_acc = (
-      probes.accuracy(acts[:, test], labels[test]) if test.size
-      else np.full(acts.shape[0], np.nan)
-  )
-  return ProbeResult(probes, np.asarray(train_acc), np.asarray(test_acc), train, test)
+# The probe curve of fact-lookup localization.
 
 
 def probe_curve(
