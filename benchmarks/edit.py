@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from mech_unlearn_jax import edit
+from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.batch import make_fact_batch
 from mech_unlearn_jax.models import loaders
 from mech_unlearn_jax.models.config import TransformerConfig
@@ -169,25 +169,30 @@ def run_case(case: str) -> dict[str, float]:
   # Random-token windows: the step's cost does not depend on the text.
   tokens = rng.integers(3, model.config.vocab_size, (NUM_WINDOWS, WINDOW)).astype(np.int32)
   tokens[:, 0] = tokenizer.bos_id
-  retain = edit.TextBatch(tokens, np.tile(np.arange(WINDOW, dtype=np.int32), (NUM_WINDOWS, 1)))
-  config = edit.EditConfig(
+  retain = train_lib.TextBatch(tokens, np.tile(np.arange(WINDOW, dtype=np.int32), (NUM_WINDOWS, 1)))
+  config = train_lib.EditConfig(
       num_steps=50, learning_rate=1e-5, forget_batch_size=NUM_FACTS, retain_batch_size=NUM_WINDOWS,
       num_microbatches=_MICRO.value,
   )
-  batch = edit.split_microbatches(edit.EditBatch(forget=forget, retain=retain), config.num_microbatches)
+  batch = train_lib.split_microbatches(
+      train_lib.EditBatch(forget=forget, retain=retain), config.num_microbatches
+  )
   mask = case_mask(model, case)
   model_config = model.config
-  trainable, frozen, update_mask = edit.split_model(model, mask)
-  state = jax.device_put(edit.init_state(trainable, config), jax.devices()[0])
-  # The state owns copies of the trained leaves; drop the originals and the
-  # tokenizer so peak RSS reflects what a training process must hold.
-  del trainable, model, tokenizer
+  params, trainable, update_mask = train_lib.mask_trainable(model, mask)
+  state = jax.device_put(train_lib.init_state(params, config), jax.devices()[0])
+  # The state owns the trained leaves (the model's own buffers: the step donates
+  # them, so the model is dead from here); drop the model and the tokenizer so peak
+  # RSS reflects what a training process must hold.
+  del params, model, tokenizer
   release_free_heap()
   rng_key = jax.random.key(0)
-  kwargs = dict(frozen=frozen, update_mask=update_mask, loss_fn=edit.EditLoss(config), config=config)
+  kwargs = dict(
+      trainable=trainable, update_mask=update_mask, loss_fn=train_lib.EditLoss(config), config=config
+  )
 
   t = time.perf_counter()
-  lowered = edit.train_step.lower(state, batch, rng_key, **kwargs)
+  lowered = train_lib.train_step.lower(state, batch, rng_key, **kwargs)
   trace_s = time.perf_counter() - t
   t = time.perf_counter()
   compiled = lowered.compile()
@@ -206,7 +211,7 @@ def run_case(case: str) -> dict[str, float]:
       and not any(op in line for op in ("parameter(", " bitcast(", "get-tuple-element("))
   )
 
-  step = functools.partial(edit.train_step, **kwargs)
+  step = functools.partial(train_lib.train_step, **kwargs)
   t = time.perf_counter()
   state, metrics = step(state, batch, rng_key)
   jax.block_until_ready((state, metrics))
@@ -245,7 +250,7 @@ def run_case(case: str) -> dict[str, float]:
       "peak_gflop_per_cpu_s": peak_cpu / 1e9,
       "mfu_cpu_time": flops / min(cpu_times) / peak_cpu,
       "mfu_xla_flops": xla_flops / best / peak,
-      "opt_state_mb": edit.optimizer_state_bytes(state.opt_state) / 2**20,
+      "opt_state_mb": train_lib.optimizer_state_bytes(state.opt_state) / 2**20,
       "peak_rss_gb": common.peak_rss_bytes() / 2**30,
       "vocab_x_embedding_ops": table_ops,
       "loss": float(metrics["loss"]),

@@ -47,17 +47,17 @@ import os
 import pathlib
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 from penzai import pz
 
 from mech_unlearn_jax.models.config import TransformerConfig
 from mech_unlearn_jax.models.transformer import CausalLM, parameter_shapes, parameters_by_label
+from mech_unlearn_jax.train import trainables as trainables_lib
 
-ParamMask = dict[str, Union[bool, np.ndarray]]
-# A model (its own axis order) or a config (the order of a freshly built model).
-Layout = Union[TransformerConfig, CausalLM]
+ParamMask = trainables_lib.ParamMask
+Layout = trainables_lib.Layout
 UnitKind = Literal["attn", "mlp"]
 
 ATTENTION_MATRICES = ("query", "key", "value", "output")
@@ -313,46 +313,18 @@ def union(config: Layout, *masks: ParamMask) -> ParamMask:
 # Checking and counting.
 
 
-class MaskError(ValueError):
-  """A mask does not fit the model it is applied to."""
+# The one mask validator and its error live with the trainer that consumes masks.
+MaskError = trainables_lib.MaskError
 
 
 def validate_mask(mask: Mapping[str, Any], config: Layout) -> None:
-  """Raises MaskError unless `mask` covers exactly the model's labels with valid entries."""
-  shapes = _named_shapes(config)
-  missing = sorted(set(shapes) - set(mask))
-  if missing:
-    raise MaskError(
-        f"mask is missing {len(missing)} parameter label(s), e.g. {missing[:3]};"
-        " a mask must cover every parameter (False = frozen)"
-    )
-  extra = sorted(set(mask) - set(shapes))
-  if extra:
-    raise MaskError(f"mask has labels the model does not have: {extra[:3]}")
-  for label, value in mask.items():
-    editable = parse_matrix_label(label) is not None
-    if isinstance(value, (bool, np.bool_)):
-      if value and not editable:
-        raise MaskError(
-            f"{label}: only attention and MLP weight matrices may be trained"
-            " (embeddings, norms and the unembedding stay frozen)"
-        )
-      continue
-    if not isinstance(value, np.ndarray):
-      raise MaskError(
-          f"{label}: mask entry must be a bool or a bool numpy array, got"
-          f" {type(value).__name__}"
-      )
-    expected = tuple(s for _, s in shapes[label])
-    if value.dtype != np.bool_:
-      raise MaskError(f"{label}: mask array has dtype {value.dtype}, expected bool")
-    if value.shape != expected:
-      raise MaskError(
-          f"{label}: mask array has shape {value.shape}, expected {expected}"
-          f" (axes {[n for n, _ in shapes[label]]})"
-      )
-    if value.any() and not editable:
-      raise MaskError(f"{label}: only attention and MLP weight matrices may be trained")
+  """Raises MaskError unless `mask` covers exactly the model's labels with valid entries.
+
+  Delegates to `train.trainables.validate_mask` (the trainer's own check), so a mask
+  accepted here is one `mask_trainable` accepts: only attention and MLP weight
+  matrices may be trained.
+  """
+  trainables_lib.validate_mask(mask, config)
 
 
 def entry_count(value: bool | np.ndarray, shape: Sequence[int]) -> int:

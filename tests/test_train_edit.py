@@ -1,4 +1,5 @@
-"""Masked editing on the tiny random model: freezing, optimizer state, losses, accumulation."""
+"""Masked editing (`train.edit`, `train.mask_trainable`) on the tiny random model: freezing,
+optimizer state, losses, accumulation."""
 
 import functools
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from mech_unlearn_jax import edit
+from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import config as config_lib
 from mech_unlearn_jax.models import forward, transformer
@@ -34,7 +35,7 @@ def random_facts(seed: int, n: int, length: int = 8, pad_rows: int = 0) -> FactB
   )
 
 
-def random_text(seed: int, n: int, length: int = 12, pad_rows: int = 0) -> edit.TextBatch:
+def random_text(seed: int, n: int, length: int = 12, pad_rows: int = 0) -> train_lib.TextBatch:
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, VOCAB, (n, length)).astype(np.int32)
   positions = np.tile(np.arange(length, dtype=np.int32), (n, 1))
@@ -43,7 +44,7 @@ def random_text(seed: int, n: int, length: int = 12, pad_rows: int = 0) -> edit.
     positions[row] = np.arange(length) - pad
     positions[row, :pad] = -1
     tokens[row, :pad] = 0
-  return edit.TextBatch(tokens_BxL=tokens, positions_BxL=positions)
+  return train_lib.TextBatch(tokens_BxL=tokens, positions_BxL=positions)
 
 
 def mlp_mask(layer: int = 1) -> dict[str, bool]:
@@ -64,14 +65,14 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def data():
-  return edit.EditData(
+  return train_lib.EditData(
       forget=random_facts(1, 8, pad_rows=2),
       maintain=random_facts(2, 8, pad_rows=3),
       retain=random_text(3, 8, pad_rows=5),
   )
 
 
-BIG_LR = edit.EditConfig(
+BIG_LR = train_lib.EditConfig(
     num_steps=4, learning_rate=0.1, weight_decay=0.1, forget_batch_size=4,
     maintain_batch_size=4, retain_batch_size=4,
 )
@@ -80,7 +81,7 @@ BIG_LR = edit.EditConfig(
 def test_frozen_leaves_never_change_and_masked_leaves_do(tiny_model, data):
   mask = mlp_mask(1)
   before = values(tiny_model)
-  result = edit.train(tiny_model, mask, data, BIG_LR, log_fn=None)
+  result = train_lib.edit(tiny_model, mask, data, BIG_LR, log_fn=None)
   after = values(result.model)
   assert set(after) == set(before)
   for label, trainable in mask.items():
@@ -97,36 +98,36 @@ def test_frozen_leaves_never_change_and_masked_leaves_do(tiny_model, data):
 
 def test_optimizer_state_only_for_trainable_leaves(tiny_model, data):
   mask = mlp_mask(2)
-  trainable, frozen, update_mask = edit.split_model(tiny_model, mask)
+  params, trainable, update_mask = train_lib.mask_trainable(tiny_model, mask)
   assert update_mask is None
-  assert sorted(trainable) == sorted(k for k, v in mask.items() if v)
-  assert not set(frozen.frozen_values) & set(trainable)
-  state = edit.init_state(trainable, BIG_LR)
+  assert sorted(params) == sorted(k for k, v in mask.items() if v)
+  assert not set(trainable.frozen_values) & set(params)
+  state = train_lib.init_state(params, BIG_LR)
   labels_in_state = {
       key.key
       for path, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)
       for key in path
       if isinstance(key, jax.tree_util.DictKey)
   }
-  assert labels_in_state == set(trainable)
-  trainable_bytes = sum(x.size * 4 for x in trainable.values())
+  assert labels_in_state == set(params)
+  trainable_bytes = sum(x.size * 4 for x in params.values())
   # mu + nu for every trainable leaf, plus a few int32 step counters.
-  assert 2 * trainable_bytes <= edit.optimizer_state_bytes(state.opt_state) <= 2 * trainable_bytes + 64
+  assert 2 * trainable_bytes <= train_lib.optimizer_state_bytes(state.opt_state) <= 2 * trainable_bytes + 64
 
 
 def test_mask_must_cover_every_label(tiny_model):
   mask = mlp_mask(1)
   del mask["transformer/block_0/attention/query.weights"]
   with pytest.raises(ValueError, match="block_0/attention/query.weights"):
-    edit.split_model(tiny_model, mask)
+    train_lib.mask_trainable(tiny_model, mask)
   mask = dict(mlp_mask(1), **{"transformer/block_9/mlp/gating_linear.weights": True})
   with pytest.raises(ValueError, match="unknown labels.*block_9"):
-    edit.split_model(tiny_model, mask)
+    train_lib.mask_trainable(tiny_model, mask)
   mask = dict(mlp_mask(1), **{"transformer/block_1/mlp/out_linear.weights": np.ones((3, 3), bool)})
   with pytest.raises(ValueError, match="out_linear.*shape"):
-    edit.split_model(tiny_model, mask)
+    train_lib.mask_trainable(tiny_model, mask)
   with pytest.raises(ValueError, match="selects no parameter"):
-    edit.split_model(tiny_model, {k: False for k in mlp_mask(1)})
+    train_lib.mask_trainable(tiny_model, {k: False for k in mlp_mask(1)})
 
 
 def test_sub_tensor_mask_leaves_unmasked_entries_unchanged(tiny_model, data):
@@ -141,7 +142,7 @@ def test_sub_tensor_mask_leaves_unmasked_entries_unchanged(tiny_model, data):
   mask[label] = neuron_mask
   mask["transformer/block_1/mlp/out_linear.weights"] = True
   before = values(tiny_model)
-  result = edit.train(tiny_model, mask, data, BIG_LR, log_fn=None)
+  result = train_lib.edit(tiny_model, mask, data, BIG_LR, log_fn=None)
   after = values(result.model)
   np.testing.assert_array_equal(after[label][~neuron_mask], before[label][~neuron_mask])
   assert np.all(after[label][neuron_mask] != before[label][neuron_mask])
@@ -153,20 +154,20 @@ def test_sub_tensor_mask_leaves_unmasked_entries_unchanged(tiny_model, data):
 
 
 @functools.partial(jax.jit, static_argnames="loss_fn")
-def _grads(params, frozen, batch, loss_fn):
-  return edit.accumulate_gradients(params, frozen, batch, jax.random.key(0), loss_fn)
+def _grads(params, trainable, batch, loss_fn):
+  return train_lib.accumulate_gradients(params, trainable, batch, jax.random.key(0), loss_fn)
 
 
 def test_gradient_accumulation_equals_full_batch(tiny_model, data):
   # Unlearning with a floor that drops some examples exercises the "ignored rows
   # count 0" rule; maintain exercises the injection CE, retain the ragged token count.
-  config = edit.EditConfig(forget_loss="unlearn", unlearn_logprob_floor=-6.3)
-  loss_fn = edit.EditLoss(config)
-  trainable, frozen, _ = edit.split_model(tiny_model, mlp_mask(0))
-  batch = edit.EditBatch(forget=data.forget, maintain=data.maintain, retain=data.retain)
-  full_grads, full_metrics = _grads(trainable, frozen, edit.split_microbatches(batch, 1), loss_fn)
-  micro_grads, micro_metrics = _grads(trainable, frozen, edit.split_microbatches(batch, 4), loss_fn)
-  for label in trainable:
+  config = train_lib.EditConfig(forget_loss="unlearn", unlearn_logprob_floor=-6.3)
+  loss_fn = train_lib.EditLoss(config)
+  params, trainable, _ = train_lib.mask_trainable(tiny_model, mlp_mask(0))
+  batch = train_lib.EditBatch(forget=data.forget, maintain=data.maintain, retain=data.retain)
+  full_grads, full_metrics = _grads(params, trainable, train_lib.split_microbatches(batch, 1), loss_fn)
+  micro_grads, micro_metrics = _grads(params, trainable, train_lib.split_microbatches(batch, 4), loss_fn)
+  for label in params:
     scale = float(jnp.abs(full_grads[label]).max())
     assert scale > 0
     # Summation order differs; compare against the gradient's own scale.
@@ -183,8 +184,8 @@ def test_unlearning_loss_is_stable_and_matches_naive_formula():
   ids = jnp.asarray([0, 3, 7, 11, 20, 49])
   naive = -jnp.log1p(-jax.nn.softmax(logits)[jnp.arange(6), ids])
   assert np.sum(np.asarray(jax.nn.softmax(logits)[jnp.arange(6), ids]) > 0.5) == 2
-  np.testing.assert_allclose(-edit.log_one_minus_prob(logits, ids), naive, rtol=1e-5)
-  loss, kept = edit.unlearning_loss_sum(logits, ids, logprob_floor=-100.0)
+  np.testing.assert_allclose(-train_lib.log_one_minus_prob(logits, ids), naive, rtol=1e-5)
+  loss, kept = train_lib.unlearning_loss_sum(logits, ids, logprob_floor=-100.0)
   np.testing.assert_allclose(loss, naive.sum(), rtol=1e-5)
   assert int(kept) == 6
 
@@ -192,7 +193,7 @@ def test_unlearning_loss_is_stable_and_matches_naive_formula():
   confident = jnp.zeros((2, 50)).at[:, 5].set(jnp.asarray([40.0, 120.0]))
   five = jnp.asarray([5, 5])
   assert not np.all(np.isfinite(-jnp.log1p(-jax.nn.softmax(confident)[:, 5])))
-  loss_fn = lambda z: edit.unlearning_loss_sum(z, five)[0]
+  loss_fn = lambda z: train_lib.unlearning_loss_sum(z, five)[0]
   value, grad = jax.value_and_grad(loss_fn)(confident)
   assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
   # -log(1 - p) = -(log(49) - logsumexp) ~ margin - log(49) for a large margin.
@@ -201,15 +202,15 @@ def test_unlearning_loss_is_stable_and_matches_naive_formula():
 
   # Examples already below the floor are ignored (contribute 0 and no gradient).
   unlikely = jnp.zeros((1, 50)).at[0, 5].set(-10.0)
-  loss, kept = edit.unlearning_loss_sum(unlikely, jnp.asarray([5]))
+  loss, kept = train_lib.unlearning_loss_sum(unlikely, jnp.asarray([5]))
   assert float(loss) == 0.0 and int(kept) == 0
-  assert not np.any(jax.grad(lambda z: edit.unlearning_loss_sum(z, jnp.asarray([5]))[0])(unlikely))
+  assert not np.any(jax.grad(lambda z: train_lib.unlearning_loss_sum(z, jnp.asarray([5]))[0])(unlikely))
 
 
 @jax.jit
 def _lm_loss(unbound, params, tokens, positions):
   model = pz.bind_variables(unbound, params)
-  return edit.lm_loss_sum(forward.full_logits(model, tokens, positions), tokens, positions)
+  return train_lib.lm_loss_sum(forward.full_logits(model, tokens, positions), tokens, positions)
 
 
 def test_lm_loss_ignores_padding(tiny_model):
@@ -219,66 +220,66 @@ def test_lm_loss_ignores_padding(tiny_model):
   padded = _lm_loss(unbound, params, tokens, positions)
   bare = _lm_loss(unbound, params, seq[None], np.arange(10, dtype=np.int32)[None])
   np.testing.assert_allclose(padded, bare, rtol=1e-5)
-  assert int(edit.lm_token_count(positions)) == 9
+  assert int(train_lib.lm_token_count(positions)) == 9
 
 
 def test_injection_loss_decreases_on_tiny_overfitting_task(tiny_model):
-  config = edit.EditConfig(num_steps=25, learning_rate=3e-2, forget_batch_size=4)
+  config = train_lib.EditConfig(num_steps=25, learning_rate=3e-2, forget_batch_size=4)
   mask = {label: "/mlp/" in label for label in transformer.parameter_shapes(TINY)}
-  result = edit.train(tiny_model, mask, edit.EditData(forget=random_facts(5, 4)), config, log_fn=None)
+  result = train_lib.edit(tiny_model, mask, train_lib.EditData(forget=random_facts(5, 4)), config, log_fn=None)
   losses = [h["forget_loss"] for h in result.history]
   assert losses[-1] < 0.2 * losses[0], losses
   assert result.history[-1]["forget_prob"] > 100 / VOCAB  # from ~1 / VOCAB
 
 
 @functools.partial(jax.jit, static_argnames="loss_fn")
-def _loss(params, frozen, batch, loss_fn):
-  return loss_fn(params, frozen, batch, jax.random.key(0), loss_fn.normalizers(batch))
+def _loss(params, trainable, batch, loss_fn):
+  return loss_fn(params, trainable, batch, jax.random.key(0), loss_fn.normalizers(batch))
 
 
 def test_bfloat16_compute_tracks_float32(tiny_model, data):
-  batch = edit.EditBatch(forget=data.forget, retain=data.retain)
-  trainable, frozen, _ = edit.split_model(tiny_model, mlp_mask(1))
+  batch = train_lib.EditBatch(forget=data.forget, retain=data.retain)
+  params, trainable, _ = train_lib.mask_trainable(tiny_model, mlp_mask(1))
   out = {}
   for dtype in ("float32", "bfloat16"):
-    loss, _ = _loss(trainable, frozen, batch, edit.EditLoss(edit.EditConfig(compute_dtype=dtype)))
+    loss, _ = _loss(params, trainable, batch, train_lib.EditLoss(train_lib.EditConfig(compute_dtype=dtype)))
     out[dtype] = float(loss)
   assert out["bfloat16"] != out["float32"]  # the cast happened
   np.testing.assert_allclose(out["bfloat16"], out["float32"], rtol=3e-2)
 
 
 def test_data_order_is_a_pure_function_of_seed_and_step(data):
-  config = edit.EditConfig(forget_batch_size=4, maintain_batch_size=4, retain_batch_size=4, num_microbatches=2)
-  a, b = edit.make_batch_fn(data, config), edit.make_batch_fn(data, config)
+  config = train_lib.EditConfig(forget_batch_size=4, maintain_batch_size=4, retain_batch_size=4, num_microbatches=2)
+  a, b = train_lib.make_batch_fn(data, config), train_lib.make_batch_fn(data, config)
   for step in (0, 1, 5):
     jax.tree.map(np.testing.assert_array_equal, a(step), b(step))
   assert a(0).forget.tokens_BxL.shape == (2, 2, 8)
   # Two consecutive steps of 4 from a pool of 8 are one epoch: every row once.
   rows = np.concatenate([a(s).forget.answer_ids_B.reshape(-1) for s in (2, 3)])
   assert sorted(rows) == sorted(data.forget.answer_ids_B)
-  other = edit.make_batch_fn(data, edit.EditConfig(**{**config.to_json(), "seed": 1}))
+  other = train_lib.make_batch_fn(data, train_lib.EditConfig(**{**config.to_json(), "seed": 1}))
   assert not np.array_equal(other(0).forget.answer_ids_B, a(0).forget.answer_ids_B)
   with pytest.raises(ValueError, match="retain batch.*num_microbatches=3"):
-    edit.make_batch_fn(data, edit.EditConfig(retain_batch_size=4, forget_batch_size=3,
+    train_lib.make_batch_fn(data, train_lib.EditConfig(retain_batch_size=4, forget_batch_size=3,
                                              maintain_batch_size=3, num_microbatches=3))
 
 
 def test_edit_config_validation():
   with pytest.raises(ValueError, match="num_steps"):
-    edit.EditConfig(num_steps=0)
+    train_lib.EditConfig(num_steps=0)
   with pytest.raises(ValueError, match="forget_loss"):
-    edit.EditConfig(forget_loss="ascent")
+    train_lib.EditConfig(forget_loss="ascent")
   with pytest.raises(ValueError, match="warmup_steps"):
-    edit.EditConfig(num_steps=5, warmup_steps=5)
+    train_lib.EditConfig(num_steps=5, warmup_steps=5)
   with pytest.raises(ValueError, match="unknown fields.*lr"):
-    edit.EditConfig.from_json({"lr": 1.0})
-  config = edit.EditConfig(learning_rate=3e-5, warmup_steps=2)
-  assert edit.EditConfig.from_json(config.to_json()) == config
+    train_lib.EditConfig.from_json({"lr": 1.0})
+  config = train_lib.EditConfig(learning_rate=3e-5, warmup_steps=2)
+  assert train_lib.EditConfig.from_json(config.to_json()) == config
 
 
 def test_schedule_decays_to_zero():
-  config = edit.EditConfig(num_steps=10, learning_rate=1.0, warmup_steps=0, clip_norm=None)
-  tx = edit.make_optimizer(config)
+  config = train_lib.EditConfig(num_steps=10, learning_rate=1.0, warmup_steps=0, clip_norm=None)
+  tx = train_lib.make_optimizer(config)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
   sizes = []
@@ -300,22 +301,22 @@ def test_softmax_cross_entropy_gradient_matches_autodiff():
     logp = jax.nn.log_softmax(z)
     return -jnp.sum(weights * jnp.take_along_axis(logp, targets[..., None], -1)[..., 0])
 
-  ours = lambda z: jnp.sum(weights * edit.softmax_cross_entropy(z, targets))
+  ours = lambda z: jnp.sum(weights * train_lib.softmax_cross_entropy(z, targets))
   np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-5)
   np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), rtol=1e-4, atol=1e-6)
 
 
 @jax.jit
-def _bound_logits(trainable, frozen, tokens, positions):
-  return forward.full_logits(frozen.bind(trainable), tokens, positions)
+def _bound_logits(params, trainable, tokens, positions):
+  return forward.full_logits(trainable.bind(params), tokens, positions)
 
 
-def test_split_model_computes_the_same_logits(tiny_model):
-  # split_model swaps in a row-gather embedding lookup; values must not change.
-  trainable, frozen, _ = edit.split_model(tiny_model, mlp_mask(1))
+def test_mask_trainable_computes_the_same_logits(tiny_model):
+  # mask_trainable swaps in a row-gather embedding lookup; values must not change.
+  params, trainable, _ = train_lib.mask_trainable(tiny_model, mlp_mask(1))
   tokens, positions = forward.left_pad([[2, 5, 6, 7, 8], [2, 9, 10]], length=6)
   want = forward.full_logits(tiny_model, tokens, positions)
-  got = _bound_logits(trainable, frozen, tokens, positions)
+  got = _bound_logits(params, trainable, tokens, positions)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  lookups = pz.select(frozen.unbound).at_instances_of(edit.RowGatherEmbeddingLookup).count()
+  lookups = pz.select(trainable.unbound).at_instances_of(transformer.TokenEmbeddingLookup).count()
   assert lookups == 1

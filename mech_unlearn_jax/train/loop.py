@@ -1,0 +1,318 @@
+"""The training loop: data order, checkpoints, resumption, non-finite stops, callbacks.
+
+`train(params, trainable, data, config, ...)` is generic over what is trained (see
+`trainables.py`); `edit(model, mask, data, config, ...)` is the localized edit of
+METHOD §3 on top of it.
+
+- Data: `EditData` pools, drawn by `make_batch_fn` as a pure function of (seed, step),
+  or any pure function step -> `EditBatch`, so a resumed run sees the data an
+  uninterrupted one would.
+- Dispatch stays asynchronous: a step's metrics are read after the next step has been
+  queued, except where the loop must know the step was good before acting on it
+  (before a checkpoint, before a callback, at the end).
+- Non-finite metrics (any loss term, the gradient, update or parameter norm) stop the
+  run with `NonFiniteError` naming the first bad step and term. The bad state is
+  never saved, so the directory keeps the last good checkpoint.
+- Every checkpoint carries the metric history, so a resumed run returns all steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mech_unlearn_jax.batch import FactBatch
+from mech_unlearn_jax.models.transformer import CausalLM
+from mech_unlearn_jax.train import checkpoint as ckpt
+from mech_unlearn_jax.train.losses import EditBatch, EditLoss, TextBatch
+from mech_unlearn_jax.train.step import (
+    EditConfig,
+    StepLoss,
+    TrainState,
+    abstract_state,
+    init_state,
+    split_microbatches,
+    train_step,
+)
+from mech_unlearn_jax.train.trainables import ParamMask, Trainable, mask_trainable
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step produced a non-finite loss term, gradient or parameter.
+
+  Attributes:
+    step: the 1-based number of the first bad step.
+    term: the first non-finite metric (loss terms first, then norms).
+    metrics: that step's metrics.
+  """
+
+  def __init__(self, message: str, *, step: int, term: str, metrics: Mapping[str, float]):
+    super().__init__(message)
+    self.step = step
+    self.term = term
+    self.metrics = dict(metrics)
+
+
+# ----------------------------------------------------------------------------------
+# Data order.
+
+
+@dataclasses.dataclass(frozen=True)
+class EditData:
+  """Example pools from which `make_batch_fn` draws each step's batch."""
+
+  forget: FactBatch | None = None
+  maintain: FactBatch | None = None
+  retain: TextBatch | None = None
+
+
+def _draw(pool: Any, size: int, seed: int, term: int, step: int) -> Any:
+  """Rows step*size .. (step+1)*size - 1 of an endless sequence of seeded epochs.
+
+  Each epoch is a permutation seeded by (seed, term, epoch), so the rows of a step are
+  a pure function of (seed, step).
+  """
+  n = jax.tree.leaves(pool)[0].shape[0]
+  rows = []
+  for k in range(step * size, (step + 1) * size):
+    epoch, offset = divmod(k, n)
+    rows.append(_epoch_permutation(seed, term, epoch, n)[offset])
+  index = np.asarray(rows)
+  return jax.tree.map(lambda x: np.asarray(x)[index], pool)
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_permutation(seed: int, term: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, term, epoch]).permutation(n)
+
+
+def make_batch_fn(data: EditData, config: EditConfig) -> Callable[[int], EditBatch]:
+  """step -> EditBatch ([M, b, ...] leaves); batch sizes are clamped to pool sizes."""
+  sizes = {}
+  for term, name in enumerate(("forget", "maintain", "retain")):
+    pool = getattr(data, name)
+    if pool is None:
+      continue
+    n = jax.tree.leaves(pool)[0].shape[0]
+    size = min(getattr(config, f"{name}_batch_size"), n)
+    if size % config.num_microbatches:
+      raise ValueError(
+          f"{name} batch of {size} examples (EditConfig.{name}_batch_size clamped to the"
+          f" pool of {n}) is not divisible by num_microbatches={config.num_microbatches}"
+      )
+    sizes[name] = (term, size)
+
+  def batch_fn(step: int) -> EditBatch:
+    parts = {
+        name: split_microbatches(
+            _draw(getattr(data, name), size, config.seed, term, step), config.num_microbatches
+        )
+        for name, (term, size) in sizes.items()
+    }
+    return EditBatch(**parts)
+
+  return batch_fn
+
+
+# ----------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns.
+
+  Attributes:
+    params: the trained params (the same arrays as `state.params`).
+    state: the final `TrainState`.
+    history: one dict of metrics per step (with its 1-based "step"), all steps of
+      the run including those done before a resumption.
+    trainable: the trainable the params belong to (for `model`).
+  """
+
+  params: Any
+  state: TrainState
+  history: list[dict[str, float]]
+  trainable: Trainable | None = None
+
+  @functools.cached_property
+  def model(self) -> CausalLM:
+    """`trainable.merge(params)`: the concrete trained model (merged once)."""
+    if self.trainable is None:
+      raise ValueError("this TrainResult has no trainable to merge its params with")
+    return self.trainable.merge(self.params)
+
+
+def print_log(step: int, metrics: Mapping[str, float]) -> None:
+  """A `log_fn` printing one line per step."""
+  text = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+  print(f"step {step}: {text}", flush=True)
+
+
+def _term_order(name: str) -> tuple[int, str]:
+  # Loss terms first (the likely culprit), then the total, then the norms.
+  if name.endswith("_loss"):
+    return (0, name)
+  order = {"loss": 1, "grad_norm": 2, "update_norm": 3, "param_norm": 4}
+  return (order.get(name, 5), name)
+
+
+def _copy(params: Any) -> Any:
+  # The state is donated to the step: train on copies so the caller's arrays (a
+  # model's own weights, for a mask trainable) stay valid.
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+
+
+def train(
+    params: Any,
+    trainable: Trainable,
+    data: EditData | Callable[[int], EditBatch],
+    config: EditConfig,
+    *,
+    update_mask: Any = None,
+    loss_fn: StepLoss | None = None,
+    checkpoint_dir: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    log_fn: Callable[[int, Mapping[str, float]], None] | None = None,
+    callback: Callable[[int, Any], None] | None = None,
+    max_checkpoints_to_keep: int | None = 2,
+) -> TrainResult:
+  """Trains `params` of `trainable`; resumes from `checkpoint_dir` if it holds a step.
+
+  Args:
+    params: the initial trainable pytree (from a trainable constructor). Not
+      consumed: the run trains a copy.
+    trainable: binds params into the model inside the loss (`trainables.Trainable`).
+    data: example pools (batches drawn by `make_batch_fn`) or a function
+      step -> EditBatch that must be a pure function of the step for resumption.
+    config: the run's hyperparameters.
+    update_mask: elementwise bool mask over params (sub-tensor masks), or None.
+    loss_fn: defaults to `EditLoss(config)`.
+    checkpoint_dir: orbax workdir; checkpoints every `config.checkpoint_every` steps
+      and at the end; the latest step there is resumed automatically, after checking
+      it was written by the same run (config, trainable, param shapes, update mask,
+      `meta`).
+    meta: the caller's JSON record saved with every checkpoint (e.g.
+      `checkpoint.edit_metadata(...)`); it must match on resume.
+    log_fn: called as log_fn(step, metrics) for every step run here, with `step`
+      counting completed steps; metrics are read one step late so dispatch stays
+      asynchronous. None: no logging (`print_log` prints).
+    callback: called as callback(step_done, params) after every step run here, once
+      the step is known to be finite (the loop waits for it). `params` are the live
+      state's arrays: use them during the call (e.g. evaluate
+      `trainable.merge(params)`); the next step donates them.
+    max_checkpoints_to_keep: older steps are deleted (None keeps all).
+
+  Returns:
+    TrainResult(params, state, history) with `.model` the merged trained model.
+
+  Raises:
+    NonFiniteError: at the first step with a non-finite metric; nothing from that
+      step on is saved.
+    checkpoint.CheckpointMismatchError: `checkpoint_dir` holds another run.
+  """
+  loss_fn = loss_fn or EditLoss(config)
+  batch_fn = data if callable(data) else make_batch_fn(data, config)
+  run_meta = ckpt.run_metadata(config, trainable, params, meta)
+  manager = None
+  state = None
+  history: list[dict[str, float]] = []
+  if checkpoint_dir is not None:
+    manager = ckpt.CheckpointManager(checkpoint_dir, max_to_keep=max_checkpoints_to_keep)
+    if manager.latest_step() is not None:
+      state = manager.restore(
+          abstract_state(params, config), mask=update_mask, expected_meta=run_meta
+      )
+      history = manager.restore_history()
+  if state is None:
+    state = init_state(_copy(params), config)
+  # Restored arrays are committed to a device and fresh ones are not; jit keys its
+  # executable cache on that, so commit both ways or a resumed run recompiles.
+  state = jax.device_put(state, jax.devices()[0])
+  rng = jax.random.key(config.seed)
+  step_fn = functools.partial(
+      train_step, trainable=trainable, update_mask=update_mask, loss_fn=loss_fn, config=config
+  )
+  last_saved = manager.latest_step() if manager is not None else None
+
+  def check(step: int, metrics) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    finite = bool(values.pop("finite"))
+    bad = sorted((k for k, v in values.items() if not math.isfinite(v)), key=_term_order)
+    if not finite or bad:
+      term = bad[0] if bad else "metric"
+      saved = f"step {last_saved}" if last_saved is not None else "none"
+      raise NonFiniteError(
+          f"edit step {step}: non-finite {term} (= {values.get(term)}; all non-finite: {bad});"
+          f" the state after it was not saved (last good checkpoint: {saved})",
+          step=step, term=term, metrics=values,
+      )
+    history.append(dict(values, step=step))
+    if log_fn is not None:
+      log_fn(step, values)
+
+  pending = None
+  try:
+    for step in range(int(state.step), config.num_steps):
+      state, metrics = step_fn(state, batch_fn(step), rng)
+      if pending is not None:
+        check(*pending)  # the previous step; this one is already queued
+      done = step + 1
+      pending = (done, metrics)
+      every = config.checkpoint_every
+      save = manager is not None and (done == config.num_steps or (every and done % every == 0))
+      if save or callback is not None or done == config.num_steps:
+        check(*pending)
+        pending = None
+      if save:
+        manager.save(done, state, mask=update_mask, meta=run_meta, history=history)
+        last_saved = done
+      if callback is not None:
+        callback(done, state.params)
+    if pending is not None:
+      check(*pending)
+  finally:
+    if manager is not None:
+      manager.close()
+  return TrainResult(params=state.params, state=state, history=history, trainable=trainable)
+
+
+def edit(
+    model: CausalLM,
+    mask: ParamMask,
+    data: EditData | Callable[[int], EditBatch],
+    config: EditConfig,
+    *,
+    checkpoint_dir: str | None = None,
+    model_spec: str = "",
+    data_split: Mapping[str, Any] | None = None,
+    log_fn: Callable[[int, Mapping[str, float]], None] | None = None,
+    loss_fn: StepLoss | None = None,
+    max_checkpoints_to_keep: int | None = 2,
+) -> TrainResult:
+  """Trains the masked parameters of `model` (METHOD §3); `.model` is the edited model.
+
+  Args:
+    model: the unedited model (not modified).
+    mask: label -> bool or bool array, covering every parameter label
+      (`trainables.validate_mask`).
+    data, config, checkpoint_dir, log_fn, loss_fn, max_checkpoints_to_keep: as in
+      `train`.
+    model_spec: how to reload the base model (recorded with checkpoints, used by
+      `checkpoint.load_trained_model`).
+    data_split: JSON-serializable description of the data (recorded).
+  """
+  params, trainable, update_mask = mask_trainable(model, mask)
+  meta = ckpt.edit_metadata(model_config=model.config, model_spec=model_spec, data_split=data_split)
+  return train(
+      params, trainable, data, config, update_mask=update_mask, loss_fn=loss_fn,
+      checkpoint_dir=checkpoint_dir, meta=meta, log_fn=log_fn,
+      max_checkpoints_to_keep=max_checkpoints_to_keep,
+  )
