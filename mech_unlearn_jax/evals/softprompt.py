@@ -141,7 +141,9 @@ class SoftPromptAttackResult:
     }
 
 
-def make_attack_trainable(model: CausalLM, config: SoftPromptAttackConfig, max_norm: float, seed: int):
+def make_attack_trainable(
+    model: CausalLM, config: SoftPromptAttackConfig, max_norm: float, seed: int
+) -> tuple[dict[str, Any], sp.SoftPromptTrainable | sp.EmbeddingAdapterTrainable, None]:
   """(params, trainable, update_mask) of one attack of `config.kind`."""
   if config.kind == "prefix":
     return sp.soft_prompt_trainable(model, num_vectors=config.num_vectors, max_norm=max_norm, seed=seed)
