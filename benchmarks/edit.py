@@ -171,7 +171,7 @@ def run_case(case: str) -> dict[str, float]:
   tokens[:, 0] = tokenizer.bos_id
   retain = train_lib.TextBatch(tokens, np.tile(np.arange(WINDOW, dtype=np.int32), (NUM_WINDOWS, 1)))
   config = train_lib.EditConfig(
-      num_steps=50, learning_rate=1e-5, forget_batch_size=NUM_FACTS, retain_batch_size=NUM_WINDOWS,
+      steps=50, lr=1e-5, forget_batch_size=NUM_FACTS, retain_batch_size=NUM_WINDOWS,
       num_microbatches=_MICRO.value,
   )
   batch = train_lib.split_microbatches(

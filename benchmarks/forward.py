@@ -18,7 +18,7 @@ from absl import app, flags
 
 from benchmarks import common
 from mech_unlearn_jax.models import forward, loaders
-from mech_unlearn_jax.predict import load_tokenizer
+from mech_unlearn_jax.models.loaders import load_tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sports_csv", "../shared/data/reference/sports.csv", "Reference sports facts.")

@@ -37,7 +37,7 @@ from mech_unlearn_jax.localize import causal_tracing as ct
 from mech_unlearn_jax.localize import corruption
 from mech_unlearn_jax.models import forward, loaders
 from mech_unlearn_jax.models.config import TransformerConfig
-from mech_unlearn_jax.predict import load_tokenizer
+from mech_unlearn_jax.models.loaders import load_tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "default", "Model spec (see loaders.load_model).")

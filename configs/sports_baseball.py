@@ -5,7 +5,7 @@
   python -m launch.run --config=configs/sports_baseball.py:tiny --workdir=/tmp/tiny        # test-size variant
 
 The argument after ':' picks the localization method (fact_lookup, ap, ct, ap_mlps,
-ct_mlps, random, random_mlps, all_mlps, nonlocalized) and/or "tiny".
+ct_mlps, random, random_mlps, all_mlps, nonlocalized, late_mlps) and/or "tiny".
 """
 
 from configs import common

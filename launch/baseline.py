@@ -24,7 +24,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from mech_unlearn_jax import baseline  # pylint: disable=g-import-not-at-top
   from mech_unlearn_jax.models import loaders  # pylint: disable=g-import-not-at-top
-  from mech_unlearn_jax.predict import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from mech_unlearn_jax.models.loaders import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   logging.info("devices: %s", jax.devices())
   spec = baseline.BaselineSpec(

@@ -1,39 +1,38 @@
-"""The main job: localize -> edit -> evaluate (see `mech_unlearn_jax/experiment.py`).
+"""The main job: localize -> edit -> evaluate (see `mech_unlearn_jax/experiment/run.py`).
 
   python -m launch.run --config=configs/sports_first16.py --workdir=runs/sports_first16
   python -m launch.run --config=configs/sports_first16.py:ap --config.edit.lr=2e-5 --workdir=runs/ap
 
-Rerunning with the same --workdir resumes: finished stages are skipped and the edit
-continues from its latest checkpoint.
+Rerunning with the same --workdir resumes: finished stages are read back and the edit
+continues from its latest checkpoint; a finished run only re-reports.
 """
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from launch import common
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/sports_first16.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where results and checkpoints go.", required=True)
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 
 
 def main(argv):
-  del argv
-  import jax  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  common.setup()
   from mech_unlearn_jax import experiment  # pylint: disable=g-import-not-at-top
 
-  if FLAGS.distributed:
-    jax.distributed.initialize()
-  logging.info("devices: %s", jax.devices())
-  try:
+  def job():
     spec = experiment.ExperimentSpec.from_dict(FLAGS.config.to_dict())
-  except ValueError as e:
-    logging.error("%s", e)
-    sys.exit(2)
-  results = experiment.run_experiment(spec, FLAGS.workdir)
-  print(open(f"{FLAGS.workdir}/results.md").read())
-  logging.info("timings: %s", results["timings_s"])
+    experiment.run_experiment(spec, FLAGS.workdir)
+    with open(f"{FLAGS.workdir}/results.md") as f:
+      print(f.read())
+
+  common.guarded(job)
+  sys.stdout.flush()
 
 
 if __name__ == "__main__":

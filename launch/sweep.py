@@ -4,8 +4,10 @@
       --lrs=1e-5,3e-5,1e-4 --forget_coefs=1
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from launch import common
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/sports_first16.py", "Experiment config file.", lock_config=True)
@@ -15,15 +17,18 @@ flags.DEFINE_list("forget_coefs", ["1"], "Forget-loss coefficients c_f.")
 
 
 def main(argv):
-  del argv
-  import jax  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  common.setup()
   from mech_unlearn_jax import experiment, sweep  # pylint: disable=g-import-not-at-top
 
-  logging.info("devices: %s", jax.devices())
-  base = experiment.ExperimentSpec.from_dict(FLAGS.config.to_dict())
-  rows = sweep.run_sweep(base, FLAGS.workdir, [float(x) for x in FLAGS.lrs], [float(x) for x in FLAGS.forget_coefs])
-  for row in sorted(rows, key=lambda r: -r["score"]):
-    print(row)
+  def job():
+    base = experiment.ExperimentSpec.from_dict(FLAGS.config.to_dict())
+    rows = sweep.run_sweep(base, FLAGS.workdir, [float(x) for x in FLAGS.lrs], [float(x) for x in FLAGS.forget_coefs])
+    for row in sorted(rows, key=lambda r: -r["score"]):
+      print(row)
+
+  common.guarded(job)
 
 
 if __name__ == "__main__":

@@ -6,28 +6,11 @@ import jax
 import numpy as np
 
 from mech_unlearn_jax.models import forward, loaders
-from mech_unlearn_jax.models.tokenizer import Tokenizer
-
-
-def load_tokenizer(spec: str = "default") -> Tokenizer:
-  """The tokenizer that belongs to a model spec (see `loaders.load_model`)."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-
-  if spec in ("default", "gemma3-270m"):
-    return Tokenizer.from_gguf(loaders.default_gguf_path())
-  path = pathlib.Path(spec)
-  if path.suffix == ".gguf":
-    return Tokenizer.from_gguf(path)
-  if (path / "tokenizer.json").is_file():
-    return Tokenizer.from_tokenizer_json(path / "tokenizer.json")
-  if (path / "tokenizer.model").is_file():
-    return Tokenizer.from_sentencepiece_file(path / "tokenizer.model")
-  raise FileNotFoundError(f"{spec}: no tokenizer.json or tokenizer.model found")
 
 
 def top_next_tokens(model_spec: str, prompt: str, top_k: int = 5) -> dict:
   """Top-k next tokens at the last position: ids, log-probabilities and pieces."""
-  tokenizer = load_tokenizer(model_spec)
+  tokenizer = loaders.load_tokenizer(model_spec)
   model = loaders.load_model(model_spec)
   ids = tokenizer.encode(prompt, add_bos=True)
   tokens, positions = forward.left_pad([ids])

@@ -14,7 +14,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mech_unlearn_jax import experiment
+from mech_unlearn_jax import experiment, io
 
 
 def standard_format_score(results: Mapping[str, Any]) -> dict[str, float]:
@@ -43,10 +43,9 @@ def run_sweep(
   rows = []
   for lr, cf in itertools.product(learning_rates, forget_coefs):
     spec = dataclasses.replace(base, edit=dataclasses.replace(base.edit, lr=float(lr), forget_coef=float(cf)))
-    spec.validate()
     results = experiment.run_experiment(spec, workdir / f"lr{lr:g}_cf{cf:g}")
     rows.append({"lr": lr, "forget_coef": cf, **standard_format_score(results)})
-    experiment.write_json(workdir / "sweep.json", {"rows": rows})
+    io.write_json(workdir / "sweep.json", {"rows": rows})
   best = max(rows, key=lambda r: r["score"])
-  experiment.write_json(workdir / "sweep.json", {"rows": rows, "best": best})
+  io.write_json(workdir / "sweep.json", {"rows": rows, "best": best})
   return rows

@@ -5,7 +5,7 @@ import jax
 from mech_unlearn_jax import baseline
 from mech_unlearn_jax.models import config as config_lib
 from mech_unlearn_jax.models import transformer
-from mech_unlearn_jax.predict import load_tokenizer
+from mech_unlearn_jax.models.loaders import load_tokenizer
 
 
 def test_baseline_report(tmp_path):

@@ -1,11 +1,17 @@
-"""Every config file loads, converts to a typed spec, and bad keys are named."""
+"""Every config file loads into the one schema; the schema and configs/common.py agree."""
 
+import dataclasses
 import importlib
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
+from configs import common
 from mech_unlearn_jax import experiment
+from mech_unlearn_jax.experiment import schema
+from mech_unlearn_jax.localize.select import METHODS
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENT_CONFIGS = sorted(
@@ -18,18 +24,46 @@ EXPERIMENT_CONFIGS = sorted(
 def test_config_loads(name):
   module = importlib.import_module(f"configs.{name}")
   for arg in (None, "tiny"):
-    config = module.get_config(arg)
-    assert config is not None
-    if "edit" in config:  # experiment configs (localize_* configs have their own spec)
-      spec = experiment.ExperimentSpec.from_dict(config.to_dict())
-      assert spec.model == ("tiny-gemma3" if arg == "tiny" else "default")
+    spec = experiment.ExperimentSpec.from_dict(module.get_config(arg).to_dict())
+    assert spec.model == ("tiny-gemma3" if arg == "tiny" else "default")
 
 
-@pytest.mark.parametrize("method", ["ap", "ct", "ap_mlps", "ct_mlps", "random", "random_mlps", "all_mlps", "nonlocalized"])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_config(method):
   module = importlib.import_module("configs.sports_first16")
   spec = experiment.ExperimentSpec.from_dict(module.get_config(f"{method},tiny").to_dict())
   assert spec.localize.method == method
+
+
+def _leaves(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def test_common_config_is_the_schema():
+  """configs/common.py holds exactly the spec's fields and defaults (no drift)."""
+  from_common = experiment.ExperimentSpec.from_dict(common.base_config().to_dict())
+  assert from_common == experiment.ExperimentSpec()
+  spec_keys = {k for k, _ in _leaves(experiment.ExperimentSpec().to_json())}
+  common_keys = {k for k, _ in _leaves(common.base_config().to_dict())}
+  # Only the derived seeds (copied from config.seed) are not settable on their own.
+  assert spec_keys - common_keys == {"edit.seed", "localize.fact_lookup.seed"}
+  assert common_keys <= spec_keys
+  # Every field of the fact-lookup rule is reachable (13 of them).
+  rule_keys = {k for k in common_keys if k.startswith("localize.fact_lookup.rule.")}
+  assert len(rule_keys) == 13
+
+
+def test_seed_propagates_and_cannot_be_set_twice():
+  d = common.base_config().to_dict()
+  d["seed"] = 3
+  assert experiment.ExperimentSpec.from_dict(d).edit.seed == 3
+  d["edit"]["seed"] = 1
+  with pytest.raises(ValueError, match=r"config\.edit\.seed is not a setting"):
+    experiment.ExperimentSpec.from_dict(d)
 
 
 def test_bad_config_is_named():
@@ -40,7 +74,48 @@ def test_bad_config_is_named():
     experiment.ExperimentSpec.from_dict(d)
   d = module.get_config().to_dict()
   d["localize"]["method"] = "magic"
-  with pytest.raises(ValueError, match=r"config\.localize\.method"):
+  with pytest.raises(ValueError, match=r"config\.localize: method must be one of"):
+    experiment.ExperimentSpec.from_dict(d)
+  d = module.get_config().to_dict()
+  d["edit"]["steps"] = "many"
+  with pytest.raises(ValueError, match=r"config\.edit\.steps must be an integer"):
+    experiment.ExperimentSpec.from_dict(d)
+  d = module.get_config().to_dict()
+  d["localize"]["fact_lookup"]["rule"]["baseline"] = "median"
+  with pytest.raises(ValueError, match=r"config\.localize\.fact_lookup\.rule\.baseline must be one of"):
     experiment.ExperimentSpec.from_dict(d)
   with pytest.raises(ValueError, match="tiny"):
     module.get_config("nonsense")
+
+
+def test_tuple_fields_accept_command_line_strings():
+  d = common.base_config().to_dict()
+  d["localize"]["layers"] = "2,3, 4"
+  assert experiment.ExperimentSpec.from_dict(d).localize.layers == (2, 3, 4)
+  d["localize"]["layers"] = "2,x"
+  with pytest.raises(ValueError, match=r"config\.localize\.layers must be integers"):
+    experiment.ExperimentSpec.from_dict(d)
+
+
+def test_command_line_overrides_reach_nested_library_configs(tmp_path):
+  """`--config.localize.fact_lookup.rule.z=3` and optional fields work through absl flags."""
+  script = tmp_path / "show.py"
+  script.write_text(
+      "from absl import app, flags\n"
+      "from ml_collections import config_flags\n"
+      "from mech_unlearn_jax import experiment\n"
+      "config_flags.DEFINE_config_file('config', None, '', lock_config=True)\n"
+      "def main(_):\n"
+      "  s = experiment.ExperimentSpec.from_dict(flags.FLAGS.config.to_dict())\n"
+      "  print(s.localize.fact_lookup.rule.z, s.localize.fact_lookup.rule.max_gap, s.edit.lr, s.localize.layers)\n"
+      "app.run(main)\n"
+  )
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run(
+      [sys.executable, str(script), f"--config={root / 'configs' / 'sports_first16.py'}",
+       "--config.localize.fact_lookup.rule.z=3", "--config.localize.fact_lookup.rule.max_gap=1",
+       "--config.edit.lr=2e-5", "--config.localize.layers=(2,3)"],
+      capture_output=True, text=True, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["3.0", "1", "2e-05", "(2,", "3)"]

@@ -1,51 +1,71 @@
 """The main job end to end on a tiny random model (real tokenizer and prompts)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from configs import sports_first16
 from mech_unlearn_jax import experiment
-from mech_unlearn_jax.models import transformer
+from mech_unlearn_jax.data.tasks import get_task
+from mech_unlearn_jax.experiment import stages
+from mech_unlearn_jax.models import loaders, transformer
 
 
 def _spec(method="fact_lookup", **edit):
   config = sports_first16.get_config(f"{method},tiny")
-  config.eval.formats = "standard,qa"
+  config.eval.formats = ("standard", "qa")
   config.edit.lr = 3e-2  # large, so a 3-step edit visibly moves the tiny model
   for key, value in edit.items():
     setattr(config.edit, key, value)
   return experiment.ExperimentSpec.from_dict(config.to_dict())
 
 
-def test_main_job_tiny_end_to_end_and_resume(tmp_path):
+def _snapshot(root):
+  return {
+      str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+      for p in sorted(root.rglob("*")) if p.is_file() and "checkpoints" not in p.parts and p.name != ".lock"
+  }
+
+
+def test_main_job_tiny_end_to_end_and_rerun_changes_nothing(tmp_path):
   spec = _spec()
   results = experiment.run_experiment(spec, tmp_path)
   for name in ("config.json", "knowledge.json", "split.json", "results.json", "results.md", "results.png",
-               "localization/mask.npz", "localization/localization.json"):
+               "localization/mask.npz", "localization/localization.json",
+               "evaluation/unedited.json", "evaluation/edited.json"):
     assert (tmp_path / name).is_file(), name
   assert results["trained_parameters"] == 3 * 32 * 64  # one MLP unit of tiny-gemma3
+  # Explicit layers are a manual mask, never called fact lookup.
+  assert results["localization"]["mask_name"] == "manual_mlps"
   rows = {(r["format"], r["facts"], r["answer"]): r for r in results["summary"]}
   edit_row = rows[("standard", "forget", "edit")]
   assert edit_row["edited_prob"] > edit_row["unedited_prob"]  # the edit moved toward its targets
-  assert len(results["edit_history"]) == spec.edit.steps
-  # A second call resumes: nothing is recomputed that changes the results.
+  assert [h["step"] for h in results["edit_history"]] == list(range(1, spec.edit.steps + 1))
+  before = _snapshot(tmp_path)
+  # A rerun of the finished job recomputes and rewrites nothing, history included.
   again = experiment.run_experiment(spec, tmp_path)
   assert again["summary"] == results["summary"]
-  # A different config in the same workdir is refused with a clear message.
-  with pytest.raises(ValueError, match="different config"):
+  assert again["edit_history"] == results["edit_history"]
+  assert _snapshot(tmp_path) == before
+  # A different config in the same workdir is refused, naming the key that differs.
+  with pytest.raises(ValueError, match=r"different config.*config\.edit\.steps: 3 -> 4"):
     experiment.run_experiment(_spec(steps=4), tmp_path)
 
 
-def test_edit_touches_only_the_mask(tmp_path):
+def test_stages_run_alone_and_edit_touches_only_the_mask(tmp_path):
+  """The notebook path: each stage called with explicit arguments, nothing written."""
   spec = _spec(method="random_mlps")
-  model, tokenizer = experiment.load_model_and_tokenizer(spec)
-  facts, pool = experiment.knowledge_stage(model, tokenizer, spec, tmp_path)
-  split = experiment.split_stage(pool, spec, tmp_path)
-  mask, loc = experiment.localization_stage(model, tokenizer, pool, spec, tmp_path)
-  retain_train, _ = experiment.retain_stage(model, tokenizer, spec)
-  result = experiment.edit_stage(model, tokenizer, facts, split, mask, retain_train, spec, tmp_path)
+  task = get_task(spec.data.task)
+  model, tokenizer = loaders.load_model_and_tokenizer(spec.model, spec.seed)
+  knowledge = stages.knowledge_stage(model, tokenizer, task, spec.data)
+  split = stages.split_stage(task, knowledge.pool, spec.data.split, spec.seed)
+  loc = stages.localization_stage(model, tokenizer, task, knowledge.pool, split, spec.localize, spec.seed)
+  retain = stages.retain_stage(model, tokenizer, spec.retain, spec.model, spec.seed)
+  data = stages.edit_data(tokenizer, task, knowledge.facts, split, False, retain.train)
+  result = stages.edit_stage(model, loc.mask, data, spec.edit, None, spec.model, split)
+  assert not list(tmp_path.iterdir())
   before = transformer.parameters_by_label(model)
   after = transformer.parameters_by_label(result.model)
   changed = {
@@ -53,9 +73,17 @@ def test_edit_touches_only_the_mask(tmp_path):
       if not np.array_equal(np.asarray(before[label].value.unwrap(*before[label].value.named_shape)),
                             np.asarray(after[label].value.unwrap(*before[label].value.named_shape)))
   }
-  trained = {label for label, m in mask.items() if np.any(m)}
+  trained = {label for label, m in loc.mask.items() if np.any(m)}
   assert changed and changed <= trained
-  assert json.loads((tmp_path / "localization" / "localization.json").read_text())["mask"]["name"] == "random_mlps"
+  assert loc.evidence["mask"]["name"] == "random_mlps"
+
+
+def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
+  from mech_unlearn_jax.experiment import run as run_lib
+
+  with run_lib.workdir_lock(tmp_path):
+    with pytest.raises(run_lib.WorkdirBusyError, match="another run"):
+      experiment.run_experiment(_spec(), tmp_path)
 
 
 def test_counterfact_tiny_end_to_end(tmp_path, reference_data_dir):
@@ -64,8 +92,9 @@ def test_counterfact_tiny_end_to_end(tmp_path, reference_data_dir):
   config = counterfact_16.get_config("tiny")
   config.data.counterfact_path = str(reference_data_dir / "counterfact_with_prompts.csv")
   config.data.counterfact_mc_path = str(reference_data_dir / "counterfact_mc_questions.parquet")
-  config.eval.formats = "standard,mc"
+  config.eval.formats = ("standard", "mc")
   spec = experiment.ExperimentSpec.from_dict(config.to_dict())
   results = experiment.run_experiment(spec, tmp_path)
   assert results["split"]["few_shot"] == 64 and results["split"]["forget_train"] == 4
   assert {r["format"] for r in results["summary"]} == {"standard", "mc"}
+  assert results["knowledge"]["measure"] == "prob_full"

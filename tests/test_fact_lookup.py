@@ -1,4 +1,4 @@
-"""Probes, fact-lookup patching and rule, and the localization pipeline on a tiny model."""
+"""Probes, fact-lookup patching and rule, and `launch.localize`'s path on a tiny model."""
 
 import json
 import math
@@ -10,10 +10,10 @@ import pytest
 from penzai import pz
 
 from configs import localize_sports
+from mech_unlearn_jax import experiment
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.localize import fact_lookup as fl
 from mech_unlearn_jax.localize import masks as M
-from mech_unlearn_jax.localize import pipeline
 from mech_unlearn_jax.localize import probes
 from mech_unlearn_jax.models import config as config_lib
 from mech_unlearn_jax.models import forward, transformer
@@ -72,9 +72,30 @@ def tiny_model():
   return transformer.build_transformer(TINY, jax.random.key(0))
 
 
+class _Synthetic:
+  """Random token "subjects" + a fixed relation; answers are fixed class tokens."""
+
+  def __init__(self, size, seed, classes=3):
+    rng = np.random.default_rng(seed)
+    vocab = TINY.vocab_size
+    answer_ids = np.arange(vocab - classes, vocab, dtype=np.int32)
+    seqs, spans = [], []
+    for _ in range(size):
+      subject = rng.integers(16, vocab - classes, size=int(rng.integers(2, 5))).tolist()
+      seqs.append([2, 5, 6] + subject + [7, 8, 9])
+      spans.append((3, 3 + len(subject)))
+    tokens, positions = forward.left_pad(seqs, multiple=8)
+    mask = np.zeros(tokens.shape, dtype=bool)
+    for row, (a, b) in enumerate(spans):
+      offset = tokens.shape[1] - len(seqs[row])
+      mask[row, offset + a : offset + b] = True
+    self.labels = rng.integers(0, classes, size=size).astype(np.int32)
+    wrong = np.stack([np.delete(answer_ids, l) for l in self.labels]).astype(np.int32)
+    self.batch = FactBatch(tokens, positions, answer_ids[self.labels], wrong, mask)
+
+
 def _tiny_batch(size=6, seed=0):
-  spec = pipeline.DataSpec(dataset="synthetic", synthetic_size=size)
-  return pipeline.synthetic_facts(TINY, spec, seed)
+  return _Synthetic(size, seed)
 
 
 def test_corruption_touches_only_subject_tokens_and_is_seeded():
@@ -171,66 +192,65 @@ def test_choose_flu_layers_paper_rule():
 
 
 # ----------------------------------------------------------------------------------
-# The pipeline with the launcher's tiny config.
+# `launch.localize`'s path (experiment.localize_only) with the tiny config.
+
+ALL_METHODS = ("fact_lookup", "ap", "ct", "ap_mlps", "ct_mlps", "random", "random_mlps",
+               "all_mlps", "nonlocalized", "late_mlps")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  spec = pipeline.LocalizationSpec.from_dict(localize_sports.get_config("tiny").to_dict())
+  spec = experiment.ExperimentSpec.from_dict(localize_sports.get_config("tiny").to_dict())
   workdir = tmp_path_factory.mktemp("localize_tiny")
-  return spec, workdir, pipeline.run_localization(spec, workdir)
+  return spec, workdir, experiment.localize_only(spec, list(ALL_METHODS), workdir)
 
 
 def test_tiny_config_runs_end_to_end_and_writes_evidence(tiny_run):
   spec, workdir, summary = tiny_run
-  assert spec.model == "tiny-gemma3" and spec.data.knowledge_threshold is None
-  evidence = json.loads((workdir / "fact_lookup" / "fact_lookup.json").read_text())
+  assert spec.model == "tiny-gemma3" and spec.localize.layers == ()
+  evidence = json.loads((workdir / "localization" / "fact_lookup" / "fact_lookup.json").read_text())
   for key in ("layers", "extraction_layers", "enrichment", "extraction_direct", "extraction_total",
               "probe_subject_last", "probe_final", "rule", "trace"):
     assert key in evidence, key
   assert len(evidence["probe_subject_last"]["test_accuracy"]) == TINY.num_layers + 1
-  assert evidence["layers"] == summary["fact_lookup"]["layers"]
+  assert evidence["layers"] == summary["fact_lookup"]["flu_layers"]
   assert all(0 <= l < TINY.num_layers for l in evidence["layers"])
-  assert evidence["rule"]["threshold"] == spec.fact_lookup.rule.threshold
+  assert evidence["rule"]["threshold"] == spec.localize.fact_lookup.rule.threshold
   for name in ("probe_curve", "extraction", "enrichment"):
-    data = (workdir / "fact_lookup" / f"{name}.png").read_bytes()
+    data = (workdir / "localization" / "fact_lookup" / f"{name}.png").read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 1000
   assert not list(workdir.rglob("*.tmp"))
-  loaded = json.loads((workdir / "localization.json").read_text())
-  assert loaded["num_facts_used"] == spec.data.synthetic_size
+  loaded = json.loads((workdir / "localization" / "ap" / "localization.json").read_text())
+  assert loaded["num_prompts"] == spec.localize.num_prompts
 
 
 def test_tiny_run_writes_budget_matched_masks(tiny_run):
   _, workdir, summary = tiny_run
-  expected = {"flu", "random", "random_mlps", "all_mlps", "nonlocalized",
-              "ap", "ap_mlps", "ct", "ct_mlps", "ap_per_matrix", "ct_per_matrix"}
-  assert set(summary["masks"]) == expected
-  budget = summary["masks"]["flu"]["trained_parameters"]
-  assert budget == len(summary["fact_lookup"]["layers"]) * M.unit_parameter_count(TINY, M.Unit(0, "mlp"))
-  for name in expected:
-    mask, meta = M.load_mask(workdir / "masks" / f"{name}.npz", TINY)
+  assert set(summary) == set(ALL_METHODS)
+  budget = summary["fact_lookup"]["trained_parameters"]
+  assert budget == len(summary["fact_lookup"]["flu_layers"]) * M.unit_parameter_count(TINY, M.Unit(0, "mlp"))
+  for name in ALL_METHODS:
+    mask, meta = M.load_mask(workdir / "localization" / name / "mask.npz", TINY)
     assert meta["trained_parameters"] == M.trained_parameter_count(mask, TINY)
     if name not in ("all_mlps", "nonlocalized"):
       assert meta["trained_parameters"] >= budget, name
-  ap = np.load(workdir / "scores" / "ap.npz")
-  assert "mlp_out0" in ap.files and "head_out2" in ap.files
-  assert math.isfinite(json.loads((workdir / "scores" / "ct.json").read_text())["noise_std"])
+  ap = json.loads((workdir / "localization" / "ap" / "ap_scores.json").read_text())
+  # The reference unit mode sums a head's q/k/v/output and an MLP's input/output scores.
+  assert {"mlp_out0", "mlp_in0", "head_out2", "q1", "k1", "v1"} <= set(ap)
+  assert "ct_scores.json" in {p.name for p in (workdir / "localization" / "ct").iterdir()}
 
 
 def test_configs_load_and_convert():
   for arg in (None, "counterfact"):
-    config = localize_sports.get_config(arg)
-    if arg == "counterfact":
-      config.data.path = "facts.csv"
-    spec = pipeline.LocalizationSpec.from_dict(config.to_dict())
-    assert spec.fact_lookup.rule.layers is None
-  assert spec.fact_lookup.rule.probe_saturation is None
+    spec = experiment.ExperimentSpec.from_dict(localize_sports.get_config(arg).to_dict())
+    assert spec.localize.fact_lookup.rule.layers is None
+  assert spec.localize.fact_lookup.rule.probe_saturation is None
   config = localize_sports.get_config()
-  config.fact_lookup.layers = (3, 1)
-  assert pipeline.LocalizationSpec.from_dict(config.to_dict()).fact_lookup.rule.layers == (3, 1)
+  config.localize.fact_lookup.rule.layers = (3, 1)
+  assert experiment.ExperimentSpec.from_dict(config.to_dict()).localize.fact_lookup.rule.layers == (3, 1)
   with pytest.raises(ValueError, match="unknown config arg"):
     localize_sports.get_config("huge")
-  with pytest.raises(ValueError, match="data.path"):
-    pipeline.DataSpec(dataset="counterfact")
-  with pytest.raises(ValueError, match="unknown localization methods"):
-    pipeline.LocalizationSpec(methods=("magic",))
+  with pytest.raises(ValueError, match="config.localize: method must be one of"):
+    config = localize_sports.get_config()
+    config.localize.method = "magic"
+    experiment.ExperimentSpec.from_dict(config.to_dict())

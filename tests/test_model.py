@@ -58,8 +58,10 @@ def test_presets_shape_check(name):
   cfg = config_lib.get_preset(name)
   shapes = transformer.parameter_shapes(cfg)
   total = sum(int(np.prod(list(s.values()))) for s in shapes.values())
-  per_layer = 13 if cfg.qk_norm else 11
-  assert len(shapes) == 2 + per_layer * cfg.num_layers
+  # 7 matrices + 2 pre-norms per layer, plus the optional QK and post norms; embedding,
+  # final norm, and an untied unembedding.
+  per_layer = 9 + 2 * cfg.qk_norm + cfg.post_attn_norm + cfg.post_ffw_norm
+  assert len(shapes) == 2 + (not cfg.tie_embeddings) + per_layer * cfg.num_layers
   if name == "gemma3-270m":
     assert total == 268_098_176  # the tensor count and sizes of the released GGUF
 

@@ -23,7 +23,7 @@ LOGIT_TOLERANCE = 1e-3
 def real():
   try:
     from mech_unlearn_jax.models import loaders
-    from mech_unlearn_jax.predict import load_tokenizer
+    from mech_unlearn_jax.models.loaders import load_tokenizer
     path = loaders.default_gguf_path()
   except ImportError as e:
     pytest.skip(f"default model package not installed: {e}")

@@ -17,7 +17,7 @@ KNOWN = [("LeBron James", "basketball"), ("Tom Brady", "football"), ("Babe Ruth"
 def real():
   try:
     from mech_unlearn_jax.models import loaders
-    from mech_unlearn_jax.predict import load_tokenizer
+    from mech_unlearn_jax.models.loaders import load_tokenizer
     loaders.default_gguf_path()
   except ImportError as e:
     pytest.skip(f"default model package not installed: {e}")

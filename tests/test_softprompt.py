@@ -167,7 +167,7 @@ def test_attack_raises_p_true_on_its_training_facts(tiny_model, kind):
   before = _values(tiny_model)
   config = softprompt.SoftPromptAttackConfig(
       kind=kind, num_vectors=2, max_norm=20.0, num_attacks=2, eval_steps=(5,),
-      training=EditConfig(num_steps=15, learning_rate=0.1, maintain_coef=0.0, retain_coef=0.0, forget_batch_size=8),
+      training=EditConfig(steps=15, lr=0.1, maintain_coef=0.0, retain_coef=0.0, forget_batch_size=8),
   )
   result = softprompt.soft_prompt_attack(tiny_model, fact_batch(1, 8), fact_batch(2, 6), config)
   assert len(result.runs) == 2 and {r["seed"] for r in result.runs} == {0, 1}
@@ -185,7 +185,7 @@ def test_attack_raises_p_true_on_its_training_facts(tiny_model, kind):
 
 def test_training_changes_only_the_soft_prompt(tiny_model):
   params, trainable, mask = sp.soft_prompt_trainable(tiny_model, num_vectors=2, max_norm=3.0, seed=0)
-  config = EditConfig(num_steps=3, learning_rate=0.5, maintain_coef=0.0, retain_coef=0.0, forget_batch_size=4)
+  config = EditConfig(steps=3, lr=0.5, maintain_coef=0.0, retain_coef=0.0, forget_batch_size=4)
   result = train(params, trainable, EditData(forget=fact_batch(3, 4)), config, update_mask=mask, loss_fn=EditLoss(config))
   trained = result.params[sp.SOFT_PROMPT]
   assert not np.allclose(np.asarray(trained), np.asarray(params[sp.SOFT_PROMPT]))

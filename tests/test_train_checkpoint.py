@@ -16,7 +16,7 @@ from mech_unlearn_jax.models import transformer
 
 TINY = config_lib.get_preset("tiny-gemma3")
 CONFIG = train_lib.EditConfig(
-    num_steps=6, learning_rate=3e-2, forget_batch_size=4, maintain_batch_size=4,
+    steps=6, lr=3e-2, forget_batch_size=4, maintain_batch_size=4,
     retain_batch_size=4, num_microbatches=2, checkpoint_every=2, seed=3,
 )
 SPLIT = {"forget": "first_4", "maintain_rows": [1, 2, 3]}
@@ -146,8 +146,8 @@ def test_a_finished_run_resumes_without_training(tiny_model, data, uninterrupted
 def test_resume_refuses_a_different_run(tiny_model, data, tmp_path):
   config = CONFIG  # the same static config reuses the compiled step
   train_lib.edit(tiny_model, _mask(), data, config, checkpoint_dir=str(tmp_path), log_fn=None)
-  other_lr = train_lib.EditConfig(**{**config.to_json(), "learning_rate": 1e-3})
-  with pytest.raises(checkpoint.CheckpointMismatchError, match="learning_rate"):
+  other_lr = train_lib.EditConfig(**{**config.to_json(), "lr": 1e-3})
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="lr"):
     train_lib.edit(tiny_model, _mask(), data, other_lr, checkpoint_dir=str(tmp_path), log_fn=None)
   other_mask = dict(_mask(), **{"transformer/block_0/mlp/out_linear.weights": True})
   with pytest.raises(checkpoint.CheckpointMismatchError, match="block_0/mlp/out_linear"):
@@ -203,11 +203,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
   resumed = train_lib.edit(tiny_model, _mask(), data, config, checkpoint_dir=str(tmp_path),
                            log_fn=None, max_checkpoints_to_keep=None)
   assert resumed.history[:3] == uninterrupted.history[:3]
-  assert [h["step"] for h in resumed.history] == list(range(1, CONFIG.num_steps + 1))
+  assert [h["step"] for h in resumed.history] == list(range(1, CONFIG.steps + 1))
 
 
 def test_infinite_learning_rate_raises_before_anything_is_saved(tiny_model, data, tmp_path):
-  config = dataclasses.replace(CONFIG, learning_rate=float("inf"), checkpoint_every=1)
+  config = dataclasses.replace(CONFIG, lr=float("inf"), checkpoint_every=1)
   with pytest.raises(train_lib.NonFiniteError, match=r"edit step 1: non-finite update_norm") as info:
     train_lib.edit(tiny_model, _mask(), data, config, checkpoint_dir=str(tmp_path), log_fn=None)
   assert "last good checkpoint: none" in str(info.value)

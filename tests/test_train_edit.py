@@ -73,7 +73,7 @@ def data():
 
 
 BIG_LR = train_lib.EditConfig(
-    num_steps=4, learning_rate=0.1, weight_decay=0.1, forget_batch_size=4,
+    steps=4, lr=0.1, weight_decay=0.1, forget_batch_size=4,
     maintain_batch_size=4, retain_batch_size=4,
 )
 
@@ -92,7 +92,7 @@ def test_frozen_leaves_never_change_and_masked_leaves_do(tiny_model, data):
   # The caller's model is untouched (the state owns copies, and is donated).
   for label, value in values(tiny_model).items():
     np.testing.assert_array_equal(value, before[label])
-  assert len(result.history) == BIG_LR.num_steps
+  assert len(result.history) == BIG_LR.steps
   assert all(np.isfinite(h["loss"]) for h in result.history)
 
 
@@ -224,7 +224,7 @@ def test_lm_loss_ignores_padding(tiny_model):
 
 
 def test_injection_loss_decreases_on_tiny_overfitting_task(tiny_model):
-  config = train_lib.EditConfig(num_steps=25, learning_rate=3e-2, forget_batch_size=4)
+  config = train_lib.EditConfig(steps=25, lr=3e-2, forget_batch_size=4)
   mask = {label: "/mlp/" in label for label in transformer.parameter_shapes(TINY)}
   result = train_lib.edit(tiny_model, mask, train_lib.EditData(forget=random_facts(5, 4)), config, log_fn=None)
   losses = [h["forget_loss"] for h in result.history]
@@ -265,20 +265,20 @@ def test_data_order_is_a_pure_function_of_seed_and_step(data):
 
 
 def test_edit_config_validation():
-  with pytest.raises(ValueError, match="num_steps"):
-    train_lib.EditConfig(num_steps=0)
+  with pytest.raises(ValueError, match="steps"):
+    train_lib.EditConfig(steps=0)
   with pytest.raises(ValueError, match="forget_loss"):
     train_lib.EditConfig(forget_loss="ascent")
   with pytest.raises(ValueError, match="warmup_steps"):
-    train_lib.EditConfig(num_steps=5, warmup_steps=5)
+    train_lib.EditConfig(steps=5, warmup_steps=5)
   with pytest.raises(ValueError, match="unknown fields.*lr"):
     train_lib.EditConfig.from_json({"lr": 1.0})
-  config = train_lib.EditConfig(learning_rate=3e-5, warmup_steps=2)
+  config = train_lib.EditConfig(lr=3e-5, warmup_steps=2)
   assert train_lib.EditConfig.from_json(config.to_json()) == config
 
 
 def test_schedule_decays_to_zero():
-  config = train_lib.EditConfig(num_steps=10, learning_rate=1.0, warmup_steps=0, clip_norm=None)
+  config = train_lib.EditConfig(steps=10, lr=1.0, warmup_steps=0, clip_norm=None)
   tx = train_lib.make_optimizer(config)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)

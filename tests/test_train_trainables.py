@@ -53,7 +53,7 @@ def data():
 
 
 CONFIG = train_lib.EditConfig(
-    num_steps=3, learning_rate=5e-2, forget_batch_size=4, maintain_batch_size=4,
+    steps=3, lr=5e-2, forget_batch_size=4, maintain_batch_size=4,
     retain_batch_size=4,
 )
 TOKENS, POSITIONS = forward.left_pad([[2, 5, 6, 7, 8, 9], [2, 9, 10, 11]], length=7)
@@ -242,7 +242,7 @@ class PushOutward:
 
 
 def test_project_is_applied_after_every_update_and_callback_sees_each_step():
-  config = train_lib.EditConfig(num_steps=4, learning_rate=1.0, clip_norm=None)
+  config = train_lib.EditConfig(steps=4, lr=1.0, clip_norm=None)
   batch_fn = lambda step: {"direction": np.ones((1, 3), np.float32)}  # [M=1, 3]
   seen = []
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import io
 from mech_unlearn_jax.models import forward
 
 
@@ -128,11 +129,8 @@ def cached_sampled_windows(
   key = hashlib.sha256(f"{model_id}|{num_windows}|{window}|{seed}".encode()).hexdigest()[:16]
   path = root / f"sampled_{key}.npz"
   if path.is_file():
-    data = np.load(path)
+    data = io.read_npz(path, "cached retain text")
     return data["tokens"], data["positions"]
   tokens, positions = sample_retain_windows(model, bos_id, num_windows, window, seed)
-  root.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-  np.savez(tmp, tokens=tokens, positions=positions)
-  os.replace(tmp, path)
+  io.write_npz(path, {"tokens": tokens, "positions": positions})
   return tokens, positions

@@ -17,6 +17,7 @@ import numpy as np
 from penzai import pz
 
 from mech_unlearn_jax.batch import FactBatch
+from mech_unlearn_jax import progress
 from mech_unlearn_jax.models import forward
 
 
@@ -91,12 +92,18 @@ def _bucket(n: int, cap: int) -> int:
   return min(max(size, n), max(cap, n))
 
 
-def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64) -> FactScores:
-  """Scores every example of `batch` at its last position, in jitted chunks."""
+def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64, desc: str | None = None) -> FactScores:
+  """Scores every example of `batch` at its last position, in jitted chunks.
+
+  `desc` shows a progress bar over the chunks under that name.
+  """
   unbound, params = pz.unbind_params(model, freeze=True)
   candidates = batch.candidate_ids_BxC
   outs = []
-  for start in range(0, batch.size, chunk_size):
+  starts = range(0, batch.size, chunk_size)
+  if desc:
+    starts = progress.bar(starts, desc=desc, unit="chunk")
+  for start in starts:
     stop = min(start + chunk_size, batch.size)
     tokens = batch.tokens_BxL[start:stop]
     positions = batch.positions_BxL[start:stop]

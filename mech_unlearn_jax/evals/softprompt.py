@@ -31,7 +31,7 @@ AttackKind = Literal["prefix", "adapter"]
 
 # An attack trains a handful of vectors, so a far larger step than weight edits use.
 DEFAULT_ATTACK_TRAINING = EditConfig(
-    num_steps=100, learning_rate=1e-2, forget_loss="inject", maintain_coef=0.0,
+    steps=100, lr=1e-2, forget_loss="inject", maintain_coef=0.0,
     retain_coef=0.0, forget_batch_size=64,
 )
 
@@ -79,9 +79,9 @@ class SoftPromptAttackConfig:
       )
     if self.max_norm is None and not self.norm_scale > 0:
       raise ValueError(f"SoftPromptAttackConfig.norm_scale must be > 0, got {self.norm_scale}")
-    bad = [s for s in self.eval_steps if not 0 < s <= self.training.num_steps]
+    bad = [s for s in self.eval_steps if not 0 < s <= self.training.steps]
     if bad:
-      raise ValueError(f"SoftPromptAttackConfig.eval_steps {bad} outside 1..{self.training.num_steps}")
+      raise ValueError(f"SoftPromptAttackConfig.eval_steps {bad} outside 1..{self.training.steps}")
 
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)

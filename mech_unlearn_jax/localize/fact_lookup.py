@@ -47,8 +47,6 @@ nothing is patched), so one compiled function serves every layer.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import math
 import os
@@ -62,6 +60,7 @@ import numpy as np
 from penzai import pz
 
 from mech_unlearn_jax import interventions as iv
+from mech_unlearn_jax import io as mio
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.localize import probes as probes_lib
@@ -615,15 +614,11 @@ def run_fact_lookup(
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-  masks_lib.atomic_write_bytes(
-      pathlib.Path(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-  )
+  mio.write_json(path, data)
 
 
 def _save_figure(fig, path: pathlib.Path) -> None:
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-  masks_lib.atomic_write_bytes(path, buf.getvalue())
+  mio.save_figure(fig, path)
 
 
 def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title: str = "") -> list[pathlib.Path]:

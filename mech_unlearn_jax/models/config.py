@@ -2,7 +2,7 @@
 
 One frozen, hashable dataclass describes every supported checkpoint, so it can be a
 static argument of jitted functions and a `pytree_node=False` field of the model.
-Presets cover the Gemma 3 text sizes; `config_from_gguf_metadata` and
+Presets cover the Gemma 3 text sizes and Llama 3 8B; `config_from_gguf_metadata` and
 `config_from_hf_config` derive configs from checkpoint metadata.
 
 Facts encoded here (Gemma 3 technical report and the released configs):
@@ -156,6 +156,17 @@ PRESETS: dict[str, TransformerConfig] = {
         num_kv_heads=16, head_dim=128, mlp_hidden_dim=21_504, sliding_window=1024,
         query_scale=168**-0.5,
         rope_global=RopeConfig(base=1_000_000.0, linear_scale=8.0),
+    ),
+    # Meta-Llama-3-8B (config.json of the release: no RoPE scaling, untied
+    # embeddings, RMSNorm eps 1e-5). Llama 3.1 adds `llama3_scaling`
+    # (8.0, 1.0, 4.0, 8192); read such checkpoints' own config.json instead.
+    "llama3-8b": TransformerConfig(
+        family="llama", vocab_size=128_256, embedding_dim=4096, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, mlp_hidden_dim=14_336,
+        mlp_activation="silu", norm_eps=1e-5, qk_norm=False, post_attn_norm=False,
+        post_ffw_norm=False, scale_embeddings=False, tie_embeddings=False,
+        query_scale=128**-0.5, layer_types=("global",) * 32, sliding_window=None,
+        rope_global=RopeConfig(base=500_000.0), rope_local=RopeConfig(base=500_000.0),
     ),
     # A tiny random model with every Gemma 3 feature, for fast tests.
     "tiny-gemma3": _gemma3(

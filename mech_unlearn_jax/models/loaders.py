@@ -432,14 +432,59 @@ def default_gguf_path() -> pathlib.Path:
 
 
 def load_model(spec: str = "default", **kwargs) -> transformer.CausalLM:
-  """Loads a model from a spec: "default", a `.gguf` path, or a safetensors directory."""
+  """Loads a model from a spec: "default", a `.gguf` path, or a checkpoint directory.
+
+  Directories: a `gemma`-library orbax checkpoint (`gemma_flax.load_gemma_flax`;
+  pass `preset=` when its shapes match no preset) or Hugging Face safetensors.
+  """
   if spec in ("default", "gemma3-270m"):
     return load_gguf(default_gguf_path(), **kwargs)
   path = pathlib.Path(spec)
   if path.suffix == ".gguf":
     return load_gguf(path, **kwargs)
   if path.is_dir():
+    from mech_unlearn_jax.models import gemma_flax  # pylint: disable=g-import-not-at-top
+    if gemma_flax.is_gemma_flax_checkpoint(path):  # orbax tree, `gemma` library layout
+      return gemma_flax.load_gemma_flax(path, **kwargs)
     return load_hf_safetensors(path, **kwargs)
   raise FileNotFoundError(
-      f"model spec {spec!r}: expected 'default', a .gguf file or a Hugging Face checkpoint directory"
+      f"model spec {spec!r}: expected 'default', a .gguf file, a Hugging Face checkpoint"
+      " directory or a Gemma (Flax/orbax) checkpoint directory"
   )
+
+
+def load_tokenizer(spec: str = "default"):
+  """The tokenizer that belongs to a model spec (see `load_model`).
+
+  "default" and .gguf files: rebuilt from the GGUF metadata; checkpoint directories:
+  their tokenizer.json or tokenizer.model.
+  """
+  from mech_unlearn_jax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  if spec in ("default", "gemma3-270m"):
+    return Tokenizer.from_gguf(default_gguf_path())
+  path = pathlib.Path(spec)
+  if path.suffix == ".gguf":
+    if not path.is_file():
+      raise FileNotFoundError(f"config.model: GGUF file not found: {path}")
+    return Tokenizer.from_gguf(path)
+  if (path / "tokenizer.json").is_file():
+    return Tokenizer.from_tokenizer_json(path / "tokenizer.json")
+  if (path / "tokenizer.model").is_file():
+    return Tokenizer.from_sentencepiece_file(path / "tokenizer.model")
+  raise FileNotFoundError(f"config.model: {spec}: no tokenizer.json or tokenizer.model found")
+
+
+def load_model_and_tokenizer(spec: str = "default", seed: int = 0):
+  """(model, tokenizer) for a model spec.
+
+  "tiny-*" presets get random weights (seeded) and the default tokenizer, with the
+  vocabulary sized to it, so tests run the real prompt pipeline on a tiny model.
+  """
+  from mech_unlearn_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  if spec.startswith("tiny-"):
+    tokenizer = load_tokenizer("default")
+    cfg = config_lib.get_preset(spec).replace(vocab_size=tokenizer.vocab_size)
+    return transformer.build_transformer(cfg, jax.random.key(seed)), tokenizer
+  return load_model(spec), load_tokenizer(spec)

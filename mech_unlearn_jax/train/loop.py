@@ -260,15 +260,15 @@ def train(
 
   pending = None
   try:
-    for step in range(int(state.step), config.num_steps):
+    for step in range(int(state.step), config.steps):
       state, metrics = step_fn(state, batch_fn(step), rng)
       if pending is not None:
         check(*pending)  # the previous step; this one is already queued
       done = step + 1
       pending = (done, metrics)
       every = config.checkpoint_every
-      save = manager is not None and (done == config.num_steps or (every and done % every == 0))
-      if save or callback is not None or done == config.num_steps:
+      save = manager is not None and (done == config.steps or (every and done % every == 0))
+      if save or callback is not None or done == config.steps:
         check(*pending)
         pending = None
       if save:

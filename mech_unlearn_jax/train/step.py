@@ -38,9 +38,9 @@ class EditConfig:
   """Hyperparameters of a training run, edit or attack (hashable: static in the step).
 
   Attributes:
-    num_steps: optimizer steps; the cosine schedule decays to 0 over them.
-    learning_rate: peak learning rate.
-    warmup_steps: linear warmup from 0 (part of `num_steps`).
+    steps: optimizer steps; the cosine schedule decays to 0 over them.
+    lr: peak learning rate.
+    warmup_steps: linear warmup from 0 (part of `steps`).
     weight_decay: AdamW decoupled weight decay (reference: 0).
     clip_norm: global gradient-norm clip (None: no clipping).
     adam_b1, adam_b2, adam_eps: Adam moments.
@@ -60,8 +60,8 @@ class EditConfig:
       checkpoint directory is given.
   """
 
-  num_steps: int = 50
-  learning_rate: float = 1e-5
+  steps: int = 50
+  lr: float = 1e-5
   warmup_steps: int = 0
   weight_decay: float = 0.0
   clip_norm: float | None = 1.0
@@ -82,11 +82,11 @@ class EditConfig:
   checkpoint_every: int = 0
 
   def __post_init__(self):
-    if self.num_steps < 1:
-      raise ValueError(f"EditConfig.num_steps must be >= 1, got {self.num_steps}")
-    if not 0 <= self.warmup_steps < self.num_steps:
+    if self.steps < 1:
+      raise ValueError(f"EditConfig.steps must be >= 1, got {self.steps}")
+    if not 0 <= self.warmup_steps < self.steps:
       raise ValueError(
-          f"EditConfig.warmup_steps must be in [0, num_steps={self.num_steps}), got"
+          f"EditConfig.warmup_steps must be in [0, steps={self.steps}), got"
           f" {self.warmup_steps}"
       )
     if self.forget_loss not in ("inject", "unlearn"):
@@ -146,13 +146,13 @@ class StepLoss(Protocol):
 
 
 def make_optimizer(config: EditConfig) -> optax.GradientTransformation:
-  """Global-norm clip, then AdamW with (warmup +) cosine decay to 0 over num_steps."""
+  """Global-norm clip, then AdamW with (warmup +) cosine decay to 0 over steps."""
   if config.warmup_steps:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, config.num_steps, end_value=0.0
+        0.0, config.lr, config.warmup_steps, config.steps, end_value=0.0
     )
   else:
-    schedule = optax.cosine_decay_schedule(config.learning_rate, config.num_steps, alpha=0.0)
+    schedule = optax.cosine_decay_schedule(config.lr, config.steps, alpha=0.0)
   parts = []
   if config.clip_norm:
     parts.append(optax.clip_by_global_norm(config.clip_norm))

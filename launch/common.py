@@ -1,0 +1,49 @@
+"""What every launcher shares: logging levels, multi-host start-up, errors as one line.
+
+Library code never reads flags; a launcher parses them, calls one library function
+and turns its failure into a one-line error and a non-zero exit (the traceback only
+with `--verbosity=1` or higher). Orbax and JAX log at INFO through absl; those lines
+are hidden unless `--verbosity` asks for them.
+"""
+
+import logging as std_logging
+import sys
+import traceback
+
+from absl import flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host: run on every host).")
+
+
+def setup() -> None:
+  """Quiet logs by default; optional jax.distributed; log the devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+    for name in ("orbax", "absl", "jax"):
+      std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info("devices: %s", jax.devices())
+
+
+def fail(error: BaseException, code: int = 2) -> None:
+  """Prints `error` as one line (plus the traceback when verbose) and exits."""
+  if FLAGS["verbosity"].present and FLAGS.verbosity >= 1:
+    traceback.print_exception(error)
+  name = type(error).__name__
+  print(f"error ({name}): {error}", file=sys.stderr)
+  sys.exit(code)
+
+
+def guarded(fn):
+  """Runs `fn()`; expected failures (bad config, bad file, busy workdir) become one line."""
+  try:
+    return fn()
+  except KeyboardInterrupt:
+    print("interrupted; rerun the same command to resume", file=sys.stderr)
+    sys.exit(130)
+  except (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError) as e:
+    fail(e)

@@ -1,0 +1,196 @@
+"""The main job: knowledge -> split -> localize -> retain -> evaluate -> edit -> evaluate.
+
+`run_experiment(spec, workdir)` calls the stages of `stages.py` in order, each with
+its own output in the workdir, then builds the report from those outputs:
+
+  config.json                 the spec (a different spec in the same workdir is refused)
+  knowledge.json              p(true) of every fact, the filter's counts
+  split.json                  the seeded split
+  localization/               mask.npz, localization.json, fact_lookup/ evidence
+  checkpoints/                orbax checkpoints of the edit (trained leaves only)
+  evaluation/unedited.json    every format before the edit
+  evaluation/edited.json      ... and after (with KL on held-out retain text)
+  results.json|md|png         the report
+
+A killed run resumes (finished stages are read back; the edit continues from its
+latest checkpoint); a finished run reruns in seconds and rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import pathlib
+from typing import Any
+
+from mech_unlearn_jax import io
+from mech_unlearn_jax import progress
+from mech_unlearn_jax.data import splits as splits_lib
+from mech_unlearn_jax.data.tasks import get_task
+from mech_unlearn_jax.experiment import report, schema, stages
+from mech_unlearn_jax.experiment.spec import ExperimentSpec
+from mech_unlearn_jax.localize import select
+from mech_unlearn_jax.models import loaders
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another process is running in the same workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+  """An exclusive lock on the workdir for the lifetime of a run (released on exit/kill)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  handle = open(workdir / ".lock", "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.close()
+    raise WorkdirBusyError(
+        f"{workdir}: another run is using this workdir (it holds {workdir / '.lock'}); wait for"
+        " it to finish or use another --workdir"
+    ) from None
+  try:
+    yield
+  finally:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+
+
+def check_or_write_config(spec: ExperimentSpec, workdir: pathlib.Path) -> None:
+  """Records the spec; a workdir holding another spec is refused, naming the keys."""
+  path = workdir / "config.json"
+  current = json.loads(json.dumps(spec.to_json()))
+  if path.is_file():
+    previous = io.read_json(path, "run config")
+    if previous != current:
+      changed = schema.diff(previous, current)
+      raise ValueError(
+          f"{path}: the workdir holds a run with a different config ({'; '.join(changed[:8])});"
+          " use a new --workdir (or delete this one) to start another experiment"
+      )
+  elif os.access(workdir, os.W_OK):
+    io.write_json(path, current)
+
+
+def run_experiment(spec: ExperimentSpec, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Runs (or resumes, or just re-reports) the main job; returns the results dict."""
+  workdir = pathlib.Path(workdir)
+  lock = workdir_lock(workdir) if os.access(workdir.parent if not workdir.exists() else workdir, os.W_OK) else contextlib.nullcontext()
+  with lock:
+    return _run(spec, workdir)
+
+
+def _run(spec: ExperimentSpec, workdir: pathlib.Path) -> dict[str, Any]:
+  check_or_write_config(spec, workdir)
+  task = get_task(spec.data.task)
+  unlearn = spec.edit.forget_loss == "unlearn"
+
+  with progress.stage("load model") as info:
+    model, tokenizer = loaders.load_model_and_tokenizer(spec.model, spec.seed)
+    info["detail"] = f"{spec.model}: {model.config.num_layers} layers"
+  if spec.localize.layers:
+    select.check_layers(spec.localize.layers, model.config.num_layers)
+
+  with progress.stage("knowledge") as info:
+    knowledge = stages.knowledge_stage(
+        model, tokenizer, task, spec.data, spec.eval.batch_size, workdir / "knowledge.json"
+    )
+    info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
+
+  with progress.stage("split") as info:
+    split = stages.split_stage(
+        task, knowledge.pool, spec.data.split, spec.seed,
+        {"model": spec.model, "threshold": spec.data.known_threshold}, workdir / "split.json",
+    )
+    info["detail"] = (
+        f"forget {len(split.forget_train)}/{len(split.forget_eval)},"
+        f" maintain {len(split.maintain_train)}/{len(split.maintain_test)}"
+    )
+
+  with progress.stage("localize") as info:
+    loc = stages.localization_stage(
+        model, tokenizer, task, knowledge.pool, split, spec.localize, spec.seed,
+        workdir / "localization", context={"model": spec.model},
+    )
+    info["detail"] = f"{loc.evidence['mask_name']}: {loc.trained_parameters:,} weights, FLU layers {loc.evidence['flu_layers']}"
+
+  with progress.stage("retain text"):
+    retain = stages.retain_stage(model, tokenizer, spec.retain, spec.model, spec.seed)
+
+  eval_args = dict(
+      task=task, facts=knowledge.facts, split=split, config=spec.eval, data=spec.data,
+      unlearn=unlearn, retain_heldout=retain.heldout, seed=spec.seed,
+  )
+  with progress.stage("evaluate unedited"):
+    before = stages.evaluation_stage(model, tokenizer, path=workdir / "evaluation" / "unedited.json", **eval_args)
+
+  with progress.stage("edit") as info:
+    data = stages.edit_data(tokenizer, task, knowledge.facts, split, unlearn, retain.train)
+    result = stages.edit_stage(model, loc.mask, data, spec.edit, workdir / "checkpoints", spec.model, split)
+    info["detail"] = f"{len(result.history)} steps"
+
+  with progress.stage("evaluate edited"):
+    after = stages.evaluation_stage(
+        result.model, tokenizer, original=model, path=workdir / "evaluation" / "edited.json", **eval_args
+    )
+
+  results = {
+      "config": spec.to_json(),
+      "knowledge": {k: v for k, v in knowledge.record.items() if k != "p_true"},
+      "split": {k: len(getattr(split, k)) for k in splits_lib.Split.PARTS},
+      "localization": loc.evidence,
+      "trained_parameters": loc.trained_parameters,
+      "format_validity": report.format_validity(before["cells"]),
+      "unedited": before,
+      "edited": after,
+      "summary": report.summarize(before, after),
+      "edit_history": result.history,
+  }
+  if os.access(workdir, os.W_OK):
+    report.write_report(workdir, results, f"{task.name} {split.name}, {loc.evidence['mask_name']}")
+  return results
+
+
+def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.PathLike) -> dict[str, Any]:
+  """Knowledge, split and localization stages for several methods (shared FLU evidence).
+
+  Returns {method: {"mask_name", "trained_parameters", "flu_layers", "units"}}.
+  """
+  bad = [m for m in methods if m not in select.METHODS]
+  if bad:
+    raise ValueError(f"--methods: unknown method(s) {bad}; expected some of {select.METHODS}")
+  workdir = pathlib.Path(workdir)
+  with workdir_lock(workdir):
+    check_or_write_config(spec, workdir)
+    task = get_task(spec.data.task)
+    with progress.stage("load model"):
+      model, tokenizer = loaders.load_model_and_tokenizer(spec.model, spec.seed)
+    if spec.localize.layers:
+      select.check_layers(spec.localize.layers, model.config.num_layers)
+    with progress.stage("knowledge") as info:
+      knowledge = stages.knowledge_stage(model, tokenizer, task, spec.data, spec.eval.batch_size, workdir / "knowledge.json")
+      info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
+    split = stages.split_stage(
+        task, knowledge.pool, spec.data.split, spec.seed,
+        {"model": spec.model, "threshold": spec.data.known_threshold}, workdir / "split.json",
+    )
+    summary = {}
+    for method in methods:
+      config = dataclasses.replace(spec.localize, method=method)
+      with progress.stage(f"localize {method}") as info:
+        loc = stages.localization_stage(
+            model, tokenizer, task, knowledge.pool, split, config, spec.seed,
+            workdir / "localization" / method, context={"model": spec.model},
+            evidence_dir=workdir / "localization",
+        )
+        info["detail"] = f"{loc.trained_parameters:,} weights"
+      summary[method] = {
+          "mask_name": loc.evidence["mask_name"], "trained_parameters": loc.trained_parameters,
+          "flu_layers": loc.evidence["flu_layers"], "units": loc.evidence["mask"].get("units"),
+      }
+    io.write_json(workdir / "localization" / "summary.json", summary)
+    return summary

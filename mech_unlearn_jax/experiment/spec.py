@@ -1,0 +1,138 @@
+"""The experiment spec: one schema nesting the library's own frozen configs.
+
+`ExperimentSpec` is the only definition of every experiment knob and its default:
+`configs/common.py` builds its ConfigDict from `ExperimentSpec()` (see `schema.py`),
+so defaults cannot drift between the library and the configs, and every field of the
+nested library configs (the fact-lookup rule, AP/CT settings, the edit config, the
+attacks) is reachable as `--config.x.y=...`.
+
+The top-level `seed` is the only seed: it is copied into the nested configs that
+have one (the edit's data order; localization, splits, option shuffles and attacks
+read it directly), so `--config.seed=1` changes all of them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from mech_unlearn_jax import train as train_lib
+from mech_unlearn_jax.data.tasks import DataConfig
+from mech_unlearn_jax.experiment import schema
+from mech_unlearn_jax.localize.select import LocalizeConfig
+
+
+def _default_edit() -> train_lib.EditConfig:
+  # The main job's edit: METHOD §3's optimizer (AdamW, wd 0, cosine to 0, clip 1.0).
+  return train_lib.EditConfig(
+      steps=30, lr=1e-4, forget_batch_size=16, maintain_batch_size=16,
+      retain_batch_size=16, checkpoint_every=10,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class RetainConfig:
+  """General text for the retain term and the held-out side-effect metrics.
+
+  Attributes:
+    source: "sampled" (sampled once from the unedited model and cached: training on
+      it preserves the model's own distribution) or a `datasets` source (hub id or
+      local file with a "text" field).
+    num_windows: windows in total (train + held out).
+    window: tokens per window.
+    heldout_windows: windows kept out of training for loss/KL.
+  """
+
+  source: str = "sampled"
+  num_windows: int = 32
+  window: int = 32
+  heldout_windows: int = 8
+
+  def __post_init__(self):
+    if self.window < 2:
+      raise ValueError(f"window must be >= 2, got {self.window}")
+    if not 0 < self.heldout_windows < self.num_windows:
+      raise ValueError(
+          f"heldout_windows must be in (0, num_windows={self.num_windows}), got {self.heldout_windows}"
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Which prompt formats the evaluation scores.
+
+  Attributes:
+    formats: format names of the task (sports: standard, qa, mc, declarative,
+      cloze; CounterFact: standard, paraphrase, neighborhood, mc).
+    batch_size: prompts per forward pass.
+  """
+
+  formats: tuple[str, ...] = ("standard", "qa", "mc", "declarative", "cloze")
+  batch_size: int = 32
+
+  def __post_init__(self):
+    if not self.formats:
+      raise ValueError("formats must name at least one prompt format")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+  """Everything the main job needs (library code never sees a ConfigDict).
+
+  Attributes:
+    seed: the run's only seed (see the module docstring).
+    model: "default" (Gemma 3 270M GGUF), a .gguf path, a checkpoint directory, or
+      a "tiny-*" preset (random weights; tests).
+    data, localize, edit, retain, eval: the stages' settings.
+  """
+
+  seed: int = 0
+  model: str = "default"
+  data: DataConfig = DataConfig()
+  localize: LocalizeConfig = LocalizeConfig()
+  edit: train_lib.EditConfig = dataclasses.field(default_factory=_default_edit)
+  retain: RetainConfig = RetainConfig()
+  eval: EvalConfig = EvalConfig()
+
+  def __post_init__(self):
+    if self.seed < 0:
+      raise ValueError(f"config.seed must be >= 0, got {self.seed}")
+    if not self.model:
+      raise ValueError("config.model must name a model (e.g. 'default')")
+    if self.edit.seed != self.seed:
+      object.__setattr__(self, "edit", dataclasses.replace(self.edit, seed=self.seed))
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ExperimentSpec":
+    """From nested dicts (e.g. `ConfigDict.to_dict()`); errors name the config key."""
+    values = dict(values)
+    for path in DERIVED_SEEDS:
+      group = values
+      for part in path[:-1]:
+        group = group.get(part, {}) if isinstance(group, Mapping) else {}
+      if isinstance(group, Mapping) and path[-1] in group:
+        raise schema.ConfigError(
+            f"config.{'.'.join(path)} is not a setting: set config.seed (the run's only seed)"
+        )
+    return schema.from_mapping(cls, values)
+
+  def to_json(self) -> dict[str, Any]:
+    return schema.to_json(self)
+
+
+# Nested seeds filled from `ExperimentSpec.seed`, not settable on their own.
+DERIVED_SEEDS = (("edit", "seed"), ("localize", "fact_lookup", "seed"))
+
+
+def default_config_dict():
+  """The ConfigDict every `configs/` file starts from (derived seeds left out)."""
+  c = schema.to_config_dict(ExperimentSpec())
+  for path in DERIVED_SEEDS:
+    group = c
+    for part in path[:-1]:
+      group = group[part]
+    del group[path[-1]]
+  return c

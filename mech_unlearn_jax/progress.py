@@ -1,0 +1,50 @@
+"""What a user sees while a run works: progress bars and one line per finished stage.
+
+Bars (tqdm, on stderr) show counts and an ETA for every loop that takes more than a
+few seconds: the knowledge scan, localization, evaluations, edit and attack steps.
+`stage_line` prints one line per stage with its wall time. Set the environment
+variable MECH_UNLEARN_JAX_PROGRESS=0 (or pass `enabled=False`) to silence bars, e.g.
+in logs of batch jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from tqdm import auto as tqdm_auto
+
+
+def enabled() -> bool:
+  return os.environ.get("MECH_UNLEARN_JAX_PROGRESS", "1") not in ("0", "false", "")
+
+
+def bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
+  """A tqdm bar (disabled when progress output is off)."""
+  return tqdm_auto.tqdm(
+      iterable, total=total, desc=desc, unit=unit, leave=False, disable=not enabled(),
+      dynamic_ncols=True, file=sys.stderr,
+  )
+
+
+def stage_line(name: str, seconds: float, detail: str = "") -> None:
+  """One line per finished (or reused) stage: name, wall time, what it produced."""
+  if enabled():
+    text = f"[mech_unlearn_jax] {name:<22s} {seconds:8.1f} s"
+    print(f"{text}  {detail}" if detail else text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[dict[str, Any]]:
+  """Times a block; yields a dict whose "detail" key ends up on the stage line."""
+  info: dict[str, Any] = {"detail": ""}
+  start = time.time()
+  yield info
+  seconds = time.time() - start
+  if timings is not None:
+    timings[name] = seconds
+  stage_line(name, seconds, info["detail"])
