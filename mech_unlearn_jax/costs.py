@@ -9,13 +9,13 @@ module computes per-device bytes of
   (d) the largest transient: one weight tensor gathered whole (and, with bfloat16
       compute, the bfloat16 copy of the weights),
 
-and the smallest mesh (1, 2, 4, 8, ...) on which their sum fits an accelerator
-with 10% headroom.
+and the smallest mesh (1, 2, 4, 8, ..., up to the batch size) on which their sum fits
+an accelerator with 10% headroom, optionally with gradient accumulation.
 
 Parameters come from `jax.eval_shape` of `build_transformer` and the optimizer state
 from `jax.eval_shape` of the edit optimizer's `init` (`train.step.make_optimizer`),
-so the byte counts are those of the arrays the library would allocate. Placement is FSDP
-over the "data" mesh axis: `fsdp_rules` maps every parameter axis name to "data",
+so the byte counts are those of the arrays the library would allocate. Placement is
+FSDP over the "data" mesh axis: `fsdp_rules` maps every parameter axis name to "data",
 and `sharding.partition_spec` then shards the first axis (in named-shape order) that
 divides the mesh; a leaf none of whose axes divides stays replicated. So sharded
 leaves cost exactly 1/n of their bytes per device and replicated leaves cost their
@@ -24,10 +24,11 @@ rule (`sharding.shard_batch`): 64 examples split over up to 64 devices, and beyo
 that (64 % n != 0) they are replicated.
 
 Activations are an analytic estimate (`activation_elements` documents the formula).
-XLA fuses and reuses buffers, so a compiler's peak differs; on the CPU backend the
-compiled float32 train step of Gemma 3 270M needs 0.96-1.03 x the estimate, with
-and without gradient accumulation (`python -m benchmarks.costs --xla_check=...`). bfloat16 compute is costed
-but not verified (the CPU backend computes many bfloat16 ops in float32).
+XLA fuses and reuses buffers, so a compiler's peak differs: on the CPU backend the
+compiled float32 train step's temporaries are 0.82-1.05 x the estimated activations +
+gradients (Gemma 3 270M and 1B, Llama 3 8B, with and without gradient accumulation;
+`python -m benchmarks.costs --xla_check=...`, see docs/costs.md). bfloat16 compute is
+costed but not verified (the CPU backend computes many bfloat16 ops in float32).
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ def optimizer_bytes_per_device(
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     label = next((k for k in keys if k in trainable), None)
-    spec = specs[label] if label is not None and leaf.shape == trainable[label].shape else PartitionSpec()
+    mirrors_param = label is not None and leaf.shape == trainable[label].shape
+    spec = specs[label] if mirrors_param else PartitionSpec()
     total += shard_bytes(leaf.shape, jnp.dtype(leaf.dtype).itemsize, spec, mesh)
   return total
 

@@ -1,11 +1,11 @@
 """Gemma (`gemma` library / Kaggle Flax) orbax checkpoints: layout, math, errors."""
 
+import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import jax
 from mech_unlearn_jax.models import config as config_lib
 from mech_unlearn_jax.models import forward, gemma_flax, loaders, transformer
 
@@ -170,7 +170,9 @@ def _broken(tmp_path, edit):
 
 def test_missing_parameter_is_named(tmp_path):
   path = _broken(tmp_path, lambda t: t.pop("transformer/layer_1/attn/kv_einsum"))
-  with pytest.raises(loaders.CheckpointError, match=r"missing parameter 'transformer/layer_1/attn/kv_einsum/w'"):
+  with pytest.raises(
+      loaders.CheckpointError, match=r"missing parameter 'transformer/layer_1/attn/kv_einsum/w'"
+  ):
     loaders.load_model(path)
   path = _broken(tmp_path / "b", lambda t: t.pop("transformer/layer_2/post_ffw_norm"))
   with pytest.raises(loaders.CheckpointError, match=r"'transformer/layer_2/post_ffw_norm/scale'"):
@@ -192,7 +194,10 @@ def test_unexpected_parameter_is_named(tmp_path):
   def extra(t):
     t["transformer/layer_0/attn/extra_einsum"] = {"w": np.zeros((3,), np.float32)}
 
-  with pytest.raises(loaders.CheckpointError, match=r"unexpected parameters \['transformer/layer_0/attn/extra_einsum/w'\]"):
+  with pytest.raises(
+      loaders.CheckpointError,
+      match=r"unexpected parameters \['transformer/layer_0/attn/extra_einsum/w'\]",
+  ):
     loaders.load_model(_broken(tmp_path, extra))
 
 
@@ -200,7 +205,8 @@ def test_preset_must_match_the_shapes(tmp_path):
   path = _save(gemma_flax.gemma_flax_tree(_random_model(TINY)), tmp_path / "ckpt")
   with pytest.raises(loaders.CheckpointError, match=r"'gemma3-270m'.*num_layers=3 \(preset: 18\)"):
     loaders.load_model(path, preset="gemma3-270m")
-  odd = _save(gemma_flax.gemma_flax_tree(_random_model(TINY.replace(mlp_hidden_dim=48))), tmp_path / "odd")
+  odd_model = _random_model(TINY.replace(mlp_hidden_dim=48))
+  odd = _save(gemma_flax.gemma_flax_tree(odd_model), tmp_path / "odd")
   with pytest.raises(loaders.CheckpointError, match=r"no preset matches.*pass preset="):
     loaders.load_model(odd)
 
@@ -217,3 +223,7 @@ def test_vision_parameters_are_skipped_and_other_dirs_are_not_gemma(tmp_path):
   assert not gemma_flax.is_gemma_flax_checkpoint(tmp_path / "hf")
   with pytest.raises(loaders.CheckpointError, match="not an orbax checkpoint"):
     gemma_flax.read_gemma_flax_tree(tmp_path / "hf")
+  (tmp_path / "damaged").mkdir()
+  (tmp_path / "damaged" / "_METADATA").write_text("{not json")
+  with pytest.raises(loaders.CheckpointError, match="damaged: cannot read the orbax checkpoint"):
+    loaders.load_model(str(tmp_path / "damaged"))

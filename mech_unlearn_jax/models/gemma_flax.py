@@ -70,14 +70,6 @@ _SIZE_FIELDS = (
 )
 
 
-def _orbax_dir(directory: pathlib.Path) -> pathlib.Path | None:
-  """The directory holding the orbax tree: `directory`, or its Kauldron `default/`."""
-  for candidate in (directory, directory / "default"):
-    if (candidate / "_METADATA").is_file():
-      return candidate
-  return None
-
-
 def is_gemma_flax_checkpoint(directory: str | os.PathLike) -> bool:
   """Whether `directory` looks like an orbax checkpoint of the `gemma` library.
 
@@ -85,11 +77,7 @@ def is_gemma_flax_checkpoint(directory: str | os.PathLike) -> bool:
   `config.json`. `read_gemma_flax_tree` then checks the parameter names.
   """
   directory = pathlib.Path(directory)
-  return (
-      directory.is_dir()
-      and not (directory / "config.json").is_file()
-      and _orbax_dir(directory) is not None
-  )
+  return (directory / "_METADATA").is_file() and not (directory / "config.json").is_file()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -103,7 +91,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def _normalize(path: str) -> str:
   """'transformer/layer_0/mlp/linear/w' and 'layer_0/mlp/linear' -> 'layer_0/mlp/linear'."""
-  path = re.sub(r"^params/", "", path)  # Kauldron train state
   path = re.sub(r"^transformer/", "", path)
   return re.sub(r"/w$", "", path)
 
@@ -128,26 +115,28 @@ def read_gemma_flax_tree(directory: str | os.PathLike) -> dict[str, np.ndarray]:
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"Gemma checkpoint directory not found: {directory}")
-  tree_dir = _orbax_dir(directory)
-  if tree_dir is None:
+  if not (directory / "_METADATA").is_file():
     raise CheckpointError(f"{directory}: not an orbax checkpoint (no _METADATA file)")
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      metadata = ckptr.metadata(tree_dir).item_metadata.tree
-      restore_args = {
-          path: ocp.RestoreArgs(restore_type=np.ndarray) for path in _flatten(metadata)
-      }
+      metadata = ckptr.metadata(directory).item_metadata.tree
+      paths = _flatten(metadata)
+      if any(path.startswith("transformer/stacked_layers") for path in paths):
+        raise CheckpointError(
+            f"{directory}: 'stacked' Gemma checkpoints (transformer/stacked_layers/...) are"
+            " not supported; save the parameters unstacked with gm.ckpts.save_params"
+        )
+      restore_args = {path: ocp.RestoreArgs(restore_type=np.ndarray) for path in paths}
       restored = ckptr.restore(
-          tree_dir,
+          directory,
           args=ocp.args.PyTreeRestore(restore_args=_unflatten_like(metadata, restore_args)),
       )
+  except CheckpointError:
+    raise
   except Exception as e:  # orbax raises assorted errors on damaged checkpoints
-    raise CheckpointError(f"{directory}: cannot read the orbax checkpoint ({type(e).__name__}: {e})") from e
-  if any(path.startswith("transformer/stacked_layers") for path in _flatten(restored)):
     raise CheckpointError(
-        f"{directory}: 'stacked' Gemma checkpoints (transformer/stacked_layers/...) are not"
-        " supported; save the parameters unstacked with gm.ckpts.save_params"
-    )
+        f"{directory}: cannot read the orbax checkpoint ({type(e).__name__}: {e})"
+    ) from e
   out: dict[str, np.ndarray] = {}
   for path, value in _flatten(restored).items():
     name = _normalize(path)
@@ -168,10 +157,14 @@ def _unflatten_like(tree: Any, flat: Mapping[str, Any], prefix: str = "") -> Any
 def _layer_indices(names: Mapping[str, Any], source: str) -> list[int]:
   indices = sorted({int(m.group(1)) for n in names if (m := re.match(r"layer_(\d+)/", n))})
   if not indices:
-    raise CheckpointError(f"{source}: no 'transformer/layer_<i>/...' parameters: not a Gemma checkpoint")
+    raise CheckpointError(
+        f"{source}: no 'transformer/layer_<i>/...' parameters: not a Gemma checkpoint"
+    )
   if indices != list(range(len(indices))):
     missing = sorted(set(range(indices[-1] + 1)) - set(indices))
-    raise CheckpointError(f"{source}: layers {missing} are missing (found layers up to {indices[-1]})")
+    raise CheckpointError(
+        f"{source}: layers {missing} are missing (found layers up to {indices[-1]})"
+    )
   return indices
 
 
@@ -182,7 +175,9 @@ def _need(tree: Mapping[str, np.ndarray], name: str, source: str) -> np.ndarray:
 
 
 def _shape_error(source: str, name: str, got, want: str) -> CheckpointError:
-  return CheckpointError(f"{source}: parameter {_display(name)!r} has shape {tuple(got)}, expected {want}")
+  return CheckpointError(
+      f"{source}: parameter {_display(name)!r} has shape {tuple(got)}, expected {want}"
+  )
 
 
 def sizes_from_tree(tree: Mapping[str, np.ndarray], source: str = "<gemma>") -> dict[str, Any]:
@@ -249,10 +244,15 @@ def config_from_tree(
       )
     preset = matches[0]
   base = config_lib.get_preset(preset) if isinstance(preset, str) else preset
-  wrong = [f"{f}={sizes[f]} (preset: {getattr(base, f)})" for f in _SIZE_FIELDS if getattr(base, f) != sizes[f]]
+  wrong = [
+      f"{f}={sizes[f]} (preset: {getattr(base, f)})"
+      for f in _SIZE_FIELDS if getattr(base, f) != sizes[f]
+  ]
   if wrong:
     name = preset if isinstance(preset, str) else "the given config"
-    raise CheckpointError(f"{source}: the checkpoint does not match {name!r}: it has {', '.join(wrong)}")
+    raise CheckpointError(
+        f"{source}: the checkpoint does not match {name!r}: it has {', '.join(wrong)}"
+    )
   return base.replace(vocab_size=sizes["vocab_size"])
 
 
@@ -410,7 +410,8 @@ def gemma_flax_tree(model: transformer.CausalLM) -> dict[str, dict[str, np.ndarr
       tree[f"{layer}/attn/qkv_einsum"] = {"w": qkv}
     else:
       tree[f"{layer}/attn/q_einsum"] = {"w": heads_dp(c[f"{i}.q"], h)}
-      tree[f"{layer}/attn/kv_einsum"] = {"w": np.stack([heads_dp(c[f"{i}.k"], k), heads_dp(c[f"{i}.v"], k)])}
+      kv = np.stack([heads_dp(c[f"{i}.k"], k), heads_dp(c[f"{i}.v"], k)])
+      tree[f"{layer}/attn/kv_einsum"] = {"w": kv}
     tree[f"{layer}/attn/attn_vec_einsum"] = {"w": c[f"{i}.o"].T.reshape(h, p, d)}
     tree[f"{layer}/mlp/gating_einsum"] = {"w": np.stack([c[f"{i}.gate"], c[f"{i}.up"]])}
     tree[f"{layer}/mlp/linear"] = {"w": c[f"{i}.down"].T}
@@ -420,7 +421,9 @@ def gemma_flax_tree(model: transformer.CausalLM) -> dict[str, dict[str, np.ndarr
   return tree
 
 
-def save_gemma_flax(model: transformer.CausalLM, directory: str | os.PathLike, dtype: str = "float32") -> None:
+def save_gemma_flax(
+    model: transformer.CausalLM, directory: str | os.PathLike, dtype: str = "float32"
+) -> None:
   """Writes a Gemma 3 model as an orbax checkpoint in the released `gemma` layout.
 
   The result loads with `load_gemma_flax` and, being the layout of the Kaggle
