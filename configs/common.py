@@ -50,6 +50,21 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.retain.window = 8
   c.retain.heldout_windows = 2
   c.eval.batch_size = 8
+  r = c.robustness
+  for attacker in (r.relearn_lora, r.relearn_full):
+    attacker.training.steps = 2
+    attacker.training.forget_batch_size = 2
+    attacker.training.maintain_batch_size = 2
+    attacker.training.retain_batch_size = 2
+    attacker.eval_steps = (0, 1, 2)
+  r.relearn_lora.rank = 4
+  for attack in (r.softprompt_prefix, r.softprompt_adapter):
+    attack.num_attacks = 2
+    attack.num_vectors = 2
+    attack.training.steps = 3
+  r.latent.probe.steps = 20
+  r.trivia_eval.max_questions = 8
+  r.trivia_eval.num_shots = 2
   return c
 
 

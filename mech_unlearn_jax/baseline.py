@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mech_unlearn_jax import io
 from mech_unlearn_jax.data import facts as facts_lib
 from mech_unlearn_jax.data import formats as formats_lib
 from mech_unlearn_jax.evals import formats_eval, scoring
@@ -137,17 +138,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run_baseline(model, tokenizer, spec: BaselineSpec, workdir: str | os.PathLike) -> dict[str, Any]:
-  from mech_unlearn_jax.experiment import write_json  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir)
   result: dict[str, Any] = {"spec": dataclasses.asdict(spec), "sports": []}
   for source in spec.sports_sources:
     result["sports"].append(sports_baseline(model, tokenizer, source, spec))
   if spec.counterfact_path:
     result["counterfact"] = counterfact_baseline(model, tokenizer, spec)
-  write_json(workdir / "baseline.json", result)
-  md = markdown(result)
-  tmp = workdir / f".baseline.md.tmp{os.getpid()}"
-  tmp.write_text(md)
-  os.replace(tmp, workdir / "baseline.md")
+  io.write_json(workdir / "baseline.json", result)
+  io.write_text(workdir / "baseline.md", markdown(result))
   return result

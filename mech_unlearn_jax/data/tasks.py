@@ -129,6 +129,15 @@ class Task:
     """The facts a format can be asked about (an inner join with what it needs)."""
     return list(facts)
 
+  def fact_batch(self, tokenizer: Any, fmt: formats_lib.PromptFormat, facts: Sequence[Any],
+                 targets: Sequence[str] | None = None, answer: str = "correct"):
+    """Prompts of `facts` in `fmt` -> a `FactBatch` whose answer is the true or edit answer."""
+    from mech_unlearn_jax.evals import formats_eval  # pylint: disable=g-import-not-at-top
+
+    prompts = fmt.format_batch(list(facts), targets)
+    batch, _ = formats_eval.prompts_to_batch(tokenizer, prompts, answer, self.first_token_only)
+    return batch
+
 
 class SportsTask(Task):
   """Athletes and their sport (METHOD §1.1)."""

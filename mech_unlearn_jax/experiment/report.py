@@ -66,8 +66,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
       f" KL(original || edited) {after['kl_original_edited']:.4f} nats/token\n"
       f"trained parameters: {results['trained_parameters']:,} ({results['localization']['mask_name']})\n"
   )
-  for section in results.get("extra_sections", []):
-    text += "\n" + section
+  formats = results["config"]["eval"]["formats"]
+  text += "\n" + robustness_markdown(results.get("robustness", {}), formats, results["format_validity"])
   return text
 
 
@@ -102,3 +102,137 @@ def write_report(workdir: pathlib.Path, results: Mapping[str, Any], title: str) 
   write_if_changed(workdir / "results.md", results_markdown(results))
   if changed or not (workdir / "results.png").is_file():
     plot_results(results["summary"], workdir / "results.png", title)
+    plot_robustness(results.get("robustness", {}), results["config"]["eval"]["formats"], workdir)
+
+
+# ----------------------------------------------------------------------------------
+# Robustness: relearning, latent probes, soft prompts, side effects.
+
+
+def _cell_p(cells, fmt, answer="correct"):
+  for c in cells:
+    if c["format"] == fmt and c["answer"] == answer:
+      return c["prob_normalized"]
+  return None
+
+
+def _fmt(x, digits=3):
+  return "-" if x is None else f"{x:.{digits}f}"
+
+
+def relearn_rows(robust: Mapping[str, Any], formats: Sequence[str]) -> list[dict[str, Any]]:
+  """(attacker, model, step) -> held-out forget p(true) per format, and edit p."""
+  rows = []
+  for attacker in ("relearn_lora", "relearn_full"):
+    for model in ("unedited", "edited"):
+      res = robust.get(model, {}).get(attacker)
+      if not res:
+        continue
+      for step, ev in sorted(res["curve"].items(), key=lambda kv: int(kv[0])):
+        row = {"attacker": attacker.split("_")[1], "model": model, "step": int(step)}
+        for f in formats:
+          row[f] = _cell_p(ev["cells"], f)
+        row["standard_edit"] = _cell_p(ev["cells"], "standard", "edit")
+        rows.append(row)
+  return rows
+
+
+def robustness_markdown(robust: Mapping[str, Any], formats: Sequence[str], validity: Mapping[str, Any]) -> str:
+  """The robustness tables of results.md (unedited control next to the edited model)."""
+  if not robust:
+    return ""
+  mark = lambda f: f if validity.get(f, {}).get("valid") else f"{f} (not valid)"
+  out = []
+  rows = relearn_rows(robust, formats)
+  if rows:
+    out.append("### Relearning attack (held-out half of the forget set, p(true) normalized over candidates)\n")
+    out.append("| attacker | model | step | " + " | ".join(mark(f) for f in formats) + " | standard: p(edit) |")
+    out.append("|---|---|---|" + "---|" * (len(formats) + 1))
+    for r in rows:
+      out.append(
+          f"| {r['attacker']} | {r['model']} | {r['step']} | "
+          + " | ".join(_fmt(r[f]) for f in formats) + f" | {_fmt(r['standard_edit'])} |"
+      )
+    out.append("")
+  if any("probes" in robust.get(m, {}) for m in ("unedited", "edited")):
+    out.append("### Latent-knowledge probes (last-token residual stream, mean over layers / best layer)\n")
+    out.append("| model | probes | held-out maintain acc | forget: acc vs true (mean / max) | forget: acc vs edit (mean / max) | chance |")
+    out.append("|---|---|---|---|---|---|")
+    for model in ("unedited", "edited"):
+      res = robust.get(model, {}).get("probes")
+      if not res:
+        continue
+      for kind in ("retrained", "transfer"):
+        part = res.get(kind)
+        if not part:
+          continue
+        m = part["summary"]
+        out.append(
+            f"| {model} | {kind} | {_fmt(m.get('heldout_mean'))} | {_fmt(m.get('forget_true_mean'))} /"
+            f" {_fmt(m.get('forget_true_max'))} | {_fmt(m.get('forget_edit_mean'))} / {_fmt(m.get('forget_edit_max'))} |"
+            f" {_fmt(res.get('chance'))} |"
+        )
+    out.append("")
+  sp = [(m, k) for m in ("unedited", "edited") for k in ("softprompt_prefix", "softprompt_adapter") if k in robust.get(m, {})]
+  if sp:
+    out.append("### Soft-prompt attacks (held-out half, p(true) normalized; mean ± std over seeded attacks)\n")
+    out.append("| model | attack | before | after | argmax after | attacks |")
+    out.append("|---|---|---|---|---|---|")
+    for model, kind in sp:
+      res = robust[model][kind]
+      s = res["summary"]
+      out.append(
+          f"| {model} | {kind.split('_')[1]} | {_fmt(res['before_eval']['prob_normalized'])} |"
+          f" {_fmt(s['prob_normalized_mean'])} ± {_fmt(s['prob_normalized_std'])} |"
+          f" {_fmt(s['argmax_candidates_mean'])} | {len(res['runs'])} |"
+      )
+    out.append("")
+  for key, title in (("trivia", "Sports trivia (multiple choice)"), ("mc_benchmark", "General MC benchmark")):
+    if any(key in robust.get(m, {}) for m in ("unedited", "edited")):
+      out.append(f"### {title}\n")
+      out.append("| model | n | accuracy | 95% interval | chance | above chance |")
+      out.append("|---|---|---|---|---|---|")
+      for model in ("unedited", "edited"):
+        res = robust.get(model, {}).get(key)
+        if res:
+          lo, hi = res["interval95"]
+          out.append(
+              f"| {model} | {res['n']} | {res['accuracy']:.3f} | [{lo:.2f}, {hi:.2f}] | {res['chance']:.2f} |"
+              f" {'yes' if res['above_chance'] else 'no'} |"
+          )
+      out.append("")
+  return "\n".join(out) + "\n"
+
+
+def plot_robustness(robust: Mapping[str, Any], formats: Sequence[str], directory: pathlib.Path) -> None:
+  """relearning.png (standard-format p(true) vs attack step) and probes.png (per layer)."""
+  plt = io.pyplot()
+  rows = relearn_rows(robust, formats)
+  if rows:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, attacker in zip(axes, ("lora", "full")):
+      for model, style in (("unedited", "--"), ("edited", "-")):
+        pts = [(r["step"], r["standard"]) for r in rows if r["attacker"] == attacker and r["model"] == model]
+        if pts:
+          ax.plot(*zip(*pts), style, marker="o", label=model)
+      ax.set_title(f"relearning ({attacker})", fontsize=9)
+      ax.set_xlabel("attack step")
+      ax.set_ylim(0, 1)
+      ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out forget p(true), standard")
+    io.save_figure(fig, directory / "relearning.png")
+  if any("probes" in robust.get(m, {}) for m in ("unedited", "edited")):
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for model, style in (("unedited", "--"), ("edited", "-")):
+      res = robust.get(model, {}).get("probes")
+      if res:
+        acc = res["retrained"]["forget_true_accuracy"]
+        ax.plot(range(len(acc)), acc, style, marker="o", ms=3, label=f"{model}: forget facts vs true")
+        if model == "edited" and res["retrained"].get("forget_edit_accuracy"):
+          ax.plot(range(len(acc)), res["retrained"]["forget_edit_accuracy"], ":", marker="x", ms=3, label="edited: vs edit target")
+    ax.axhline(res["chance"], color="gray", lw=1, ls=":")
+    ax.set_xlabel("residual stream (0 = embeddings, i = after block i-1)")
+    ax.set_ylabel("probe accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    io.save_figure(fig, directory / "probes.png")

@@ -30,7 +30,7 @@ from mech_unlearn_jax import io
 from mech_unlearn_jax import progress
 from mech_unlearn_jax.data import splits as splits_lib
 from mech_unlearn_jax.data.tasks import get_task
-from mech_unlearn_jax.experiment import report, schema, stages
+from mech_unlearn_jax.experiment import report, robustness, schema, stages
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.localize import select
 from mech_unlearn_jax.models import loaders
@@ -138,6 +138,13 @@ def _run(spec: ExperimentSpec, workdir: pathlib.Path) -> dict[str, Any]:
         result.model, tokenizer, original=model, path=workdir / "evaluation" / "edited.json", **eval_args
     )
 
+  robust = {}
+  if spec.robustness.any_enabled:
+    robust = robustness_for_run(
+        spec, task, tokenizer, knowledge.facts, split, retain, workdir,
+        unedited=model, edited=result.model,
+    )
+
   results = {
       "config": spec.to_json(),
       "knowledge": {k: v for k, v in knowledge.record.items() if k != "p_true"},
@@ -149,10 +156,28 @@ def _run(spec: ExperimentSpec, workdir: pathlib.Path) -> dict[str, Any]:
       "edited": after,
       "summary": report.summarize(before, after),
       "edit_history": result.history,
+      "robustness": robust,
   }
   if os.access(workdir, os.W_OK):
     report.write_report(workdir, results, f"{task.name} {split.name}, {loc.evidence['mask_name']}")
   return results
+
+
+def robustness_for_run(spec, task, tokenizer, facts, split, retain, workdir, *, unedited, edited) -> dict[str, Any]:
+  """The robustness stages on the unedited control and on the edited model."""
+  unlearn = spec.edit.forget_loss == "unlearn"
+  common = dict(
+      tokenizer=tokenizer, task=task, facts=facts, split=split, config=spec.robustness,
+      formats=spec.eval.formats, unlearn=unlearn, retain_train=retain.train, seed=spec.seed,
+      batch_size=spec.eval.batch_size,
+  )
+  out = {}
+  for name, model, base in (("unedited", unedited, None), ("edited", edited, unedited)):
+    with progress.stage(f"robustness ({name})"):
+      out[name] = robustness.run_robustness(
+          model, base_model=base, out_dir=workdir / "robustness" / name, **common
+      )
+  return out
 
 
 def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.PathLike) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -58,16 +58,20 @@ def _scalar_type(tp: Any) -> type | None:
   return None
 
 
-def to_config_dict(instance: Any) -> ml_collections.ConfigDict:
-  """A ConfigDict with one entry per (nested) dataclass field of `instance`."""
+def to_config_dict(instance: Any, skip_nested: Sequence[str] = (), _top: bool = True) -> ml_collections.ConfigDict:
+  """A ConfigDict with one entry per (nested) dataclass field of `instance`.
+
+  Fields named in `skip_nested` are left out below the top level (values derived
+  from a top-level field, such as the run's one seed).
+  """
   out = ml_collections.ConfigDict()
   hints = _hints(type(instance))
   for field in dataclasses.fields(instance):
-    if not field.init:
+    if not field.init or (not _top and field.name in skip_nested):
       continue
     value = getattr(instance, field.name)
     if dataclasses.is_dataclass(value):
-      out[field.name] = to_config_dict(value)
+      out[field.name] = to_config_dict(value, skip_nested, _top=False)
       continue
     inner, optional = _strip_optional(hints[field.name])
     if value is None:
@@ -161,6 +165,42 @@ def from_mapping(cls: type, values: Mapping[str, Any], prefix: str = "config.") 
     raise
   except (ValueError, TypeError) as e:
     raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+
+
+def replace_nested(instance: Any, name: str, value: Any) -> Any:
+  """`instance` with every field called `name` below the top level set to `value`."""
+  changes = {}
+  for field in dataclasses.fields(instance):
+    sub = getattr(instance, field.name)
+    if dataclasses.is_dataclass(sub) and not isinstance(sub, type):
+      new = _replace_all(sub, name, value)
+      if new is not sub:
+        changes[field.name] = new
+  return dataclasses.replace(instance, **changes) if changes else instance
+
+
+def _replace_all(instance: Any, name: str, value: Any) -> Any:
+  changes = {}
+  for field in dataclasses.fields(instance):
+    sub = getattr(instance, field.name)
+    if field.name == name and field.init and sub != value:
+      changes[name] = value
+    elif dataclasses.is_dataclass(sub) and not isinstance(sub, type):
+      new = _replace_all(sub, name, value)
+      if new is not sub:
+        changes[field.name] = new
+  return dataclasses.replace(instance, **changes) if changes else instance
+
+
+def nested_keys(values: Mapping[str, Any], name: str, prefix: str = "config.", _top: bool = True) -> list[str]:
+  """Dotted keys of entries called `name` below the top level of nested mappings."""
+  found = []
+  for k, v in values.items():
+    if isinstance(v, Mapping):
+      found += nested_keys(v, name, f"{prefix}{k}.", _top=False)
+    elif k == name and not _top:
+      found.append(prefix + k)
+  return found
 
 
 def to_json(instance: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.data.tasks import DataConfig
 from mech_unlearn_jax.experiment import schema
+from mech_unlearn_jax.experiment.robustness import RobustnessConfig
 from mech_unlearn_jax.localize.select import LocalizeConfig
 
 
@@ -87,6 +88,7 @@ class ExperimentSpec:
     model: "default" (Gemma 3 270M GGUF), a .gguf path, a checkpoint directory, or
       a "tiny-*" preset (random weights; tests).
     data, localize, edit, retain, eval: the stages' settings.
+    robustness: the attacks and side-effect evaluations (on by default).
   """
 
   seed: int = 0
@@ -96,43 +98,33 @@ class ExperimentSpec:
   edit: train_lib.EditConfig = dataclasses.field(default_factory=_default_edit)
   retain: RetainConfig = RetainConfig()
   eval: EvalConfig = EvalConfig()
+  robustness: RobustnessConfig = RobustnessConfig()
 
   def __post_init__(self):
     if self.seed < 0:
       raise ValueError(f"config.seed must be >= 0, got {self.seed}")
     if not self.model:
       raise ValueError("config.model must name a model (e.g. 'default')")
-    if self.edit.seed != self.seed:
-      object.__setattr__(self, "edit", dataclasses.replace(self.edit, seed=self.seed))
+    # The one seed reaches every nested config that has a `seed` field.
+    seeded = schema.replace_nested(self, "seed", self.seed)
+    for field in dataclasses.fields(self):
+      object.__setattr__(self, field.name, getattr(seeded, field.name))
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "ExperimentSpec":
     """From nested dicts (e.g. `ConfigDict.to_dict()`); errors name the config key."""
-    values = dict(values)
-    for path in DERIVED_SEEDS:
-      group = values
-      for part in path[:-1]:
-        group = group.get(part, {}) if isinstance(group, Mapping) else {}
-      if isinstance(group, Mapping) and path[-1] in group:
-        raise schema.ConfigError(
-            f"config.{'.'.join(path)} is not a setting: set config.seed (the run's only seed)"
-        )
+    if hasattr(values, "to_dict"):
+      values = values.to_dict()
+    nested = schema.nested_keys(values, "seed")
+    if nested:
+      raise schema.ConfigError(f"{nested[0]} is not a setting: set config.seed (the run's only seed)")
     return schema.from_mapping(cls, values)
 
   def to_json(self) -> dict[str, Any]:
     return schema.to_json(self)
 
 
-# Nested seeds filled from `ExperimentSpec.seed`, not settable on their own.
-DERIVED_SEEDS = (("edit", "seed"), ("localize", "fact_lookup", "seed"))
-
-
 def default_config_dict():
-  """The ConfigDict every `configs/` file starts from (derived seeds left out)."""
-  c = schema.to_config_dict(ExperimentSpec())
-  for path in DERIVED_SEEDS:
-    group = c
-    for part in path[:-1]:
-      group = group[part]
-    del group[path[-1]]
-  return c
+  """The ConfigDict every `configs/` file starts from (nested seeds left out: they
+  all follow `config.seed`)."""
+  return schema.to_config_dict(ExperimentSpec(), skip_nested=("seed",))

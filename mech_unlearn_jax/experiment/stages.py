@@ -29,22 +29,12 @@ import numpy as np
 from mech_unlearn_jax import io
 from mech_unlearn_jax import progress
 from mech_unlearn_jax import train as train_lib
-from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.data import retain as retain_lib
 from mech_unlearn_jax.data import splits as splits_lib
 from mech_unlearn_jax.data.tasks import DataConfig, Task
 from mech_unlearn_jax.evals import formats_eval, scoring
 from mech_unlearn_jax.experiment.spec import EvalConfig, RetainConfig
 from mech_unlearn_jax.localize import select
-
-
-def fact_batch(
-    tokenizer: Any, fmt: Any, facts: Sequence[Any], task: Task, targets=None, answer: str = "correct"
-) -> FactBatch:
-  """Prompts of `facts` in `fmt` -> a FactBatch whose answer is the true or edit answer."""
-  prompts = fmt.format_batch(list(facts), targets)
-  batch, _ = formats_eval.prompts_to_batch(tokenizer, prompts, answer, task.first_token_only)
-  return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +64,7 @@ def knowledge_stage(
   else:
     started = time.time()
     fmt = task.knowledge_format(data)
-    batch = fact_batch(tokenizer, fmt, facts, task)
+    batch = task.fact_batch(tokenizer, fmt, facts)
     scores = scoring.score_facts(model, batch, chunk_size=batch_size, desc="knowledge scan")
     measure = task.known_measure(data)
     p_true = getattr(scores, measure)
@@ -127,7 +117,7 @@ def localization_stage(
 ) -> select.Localization:
   """The configured method's mask at the fact-lookup budget (see `localize.select`)."""
   facts = localization_facts(task, pool, split, config.num_prompts)
-  batch = fact_batch(tokenizer, task.localize_format(), facts, task)
+  batch = task.fact_batch(tokenizer, task.localize_format(), facts)
   labels, names = task.attribute_labels(facts)
   return select.localize(
       model, tokenizer, batch, labels, len(names), config, seed=seed, out_dir=out_dir,
@@ -213,11 +203,11 @@ def edit_data(
   """Example pools of the edit: forget (edit targets or true answers), maintain, retain."""
   fmt = task.train_format(split.name, split.seed)
   forget = split.select(facts, "forget_train")
-  forget_batch = fact_batch(
-      tokenizer, fmt, forget, task, None if unlearn else list(split.forget_train_targets),
+  forget_batch = task.fact_batch(
+      tokenizer, fmt, forget, None if unlearn else list(split.forget_train_targets),
       "correct" if unlearn else "edit",
   )
-  maintain = fact_batch(tokenizer, fmt, split.select(facts, "maintain_train"), task)
+  maintain = task.fact_batch(tokenizer, fmt, split.select(facts, "maintain_train"))
   return train_lib.EditData(forget=forget_batch, maintain=maintain, retain=retain_train)
 
 
