@@ -25,9 +25,11 @@ def enabled() -> bool:
 
 def bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
   """A tqdm bar (disabled when progress output is off)."""
+  # In a log file (no terminal) redraws every 0.1 s would flood it; refresh rarely.
+  interval = 0.1 if sys.stderr.isatty() else 30.0
   return tqdm_auto.tqdm(
       iterable, total=total, desc=desc, unit=unit, leave=False, disable=not enabled(),
-      dynamic_ncols=True, file=sys.stderr,
+      dynamic_ncols=True, file=sys.stderr, mininterval=interval,
   )
 
 

@@ -78,6 +78,32 @@ def test_stages_run_alone_and_edit_touches_only_the_mask(tmp_path):
   assert loc.evidence["mask"]["name"] == "random_mlps"
 
 
+def test_robustness_tables_and_attack_on_a_finished_run(tmp_path):
+  """launch.attack's path: the suite on a finished run without redoing the edit."""
+  import dataclasses
+
+  from mech_unlearn_jax.experiment.robustness import RobustnessConfig
+
+  off = dataclasses.replace(RobustnessConfig(), relearn=False, probes=False, soft_prompt=False, trivia=False)
+  spec = dataclasses.replace(_spec(), robustness=off)
+  first = experiment.run_experiment(spec, tmp_path)
+  assert first["robustness"] == {}
+  checkpoint_files = sorted(p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
+  tiny = _spec().robustness  # the tiny variant's (small) attack settings
+  attacked = experiment.attack_only(tmp_path, dataclasses.replace(tiny, soft_prompt=False, trivia=False))
+  assert sorted(p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()) == checkpoint_files
+  assert attacked["summary"] == first["summary"]  # the edit was not redone
+  for model in ("unedited", "edited"):
+    curve = attacked["robustness"][model]["relearn_lora"]["curve"]
+    assert sorted(curve, key=int) == ["0", "1", "2"]
+    assert (tmp_path / "robustness" / model / "probes.json").is_file()
+  # The relearning attack trains toward the true answers: p(true) rises on the trained
+  # (first) half of the unedited model's forget facts... and the curve is recorded per format.
+  md = (tmp_path / "results.md").read_text()
+  assert "### Relearning attack" in md and "### Latent-knowledge probes" in md
+  assert (tmp_path / "relearning.png").is_file() and (tmp_path / "probes.png").is_file()
+
+
 def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
   from mech_unlearn_jax.experiment import run as run_lib
 

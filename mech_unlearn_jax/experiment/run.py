@@ -84,8 +84,30 @@ def run_experiment(spec: ExperimentSpec, workdir: str | os.PathLike) -> dict[str
     return _run(spec, workdir)
 
 
-def _run(spec: ExperimentSpec, workdir: pathlib.Path) -> dict[str, Any]:
-  check_or_write_config(spec, workdir)
+def attack_only(workdir: str | os.PathLike, robustness_config: Any = None) -> dict[str, Any]:
+  """The robustness stages on a finished run, without redoing the edit.
+
+  Reads the run's config.json; every earlier stage is read back from the workdir and
+  the edited model is restored from its final checkpoint. `robustness_config`
+  (default: the run's own, or the library default if the run had every stage off)
+  chooses the attacks; results.json/md and the plots are rebuilt with them.
+  """
+  workdir = pathlib.Path(workdir)
+  if not (workdir / "config.json").is_file():
+    raise FileNotFoundError(f"{workdir / 'config.json'}: not a run's workdir (no config.json)")
+  spec = ExperimentSpec.from_json(io.read_json(workdir / "config.json", "run config"))
+  if not (workdir / "evaluation" / "edited.json").is_file():
+    raise ValueError(f"{workdir}: the run has not finished (no evaluation/edited.json); rerun launch.run first")
+  if robustness_config is None:
+    robustness_config = spec.robustness if spec.robustness.any_enabled else robustness.RobustnessConfig()
+  spec = dataclasses.replace(spec, robustness=robustness_config)
+  with workdir_lock(workdir):
+    return _run(spec, workdir, record_config=False)
+
+
+def _run(spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True) -> dict[str, Any]:
+  if record_config:
+    check_or_write_config(spec, workdir)
   task = get_task(spec.data.task)
   unlearn = spec.edit.forget_loss == "unlearn"
 

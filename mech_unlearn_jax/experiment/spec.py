@@ -120,6 +120,16 @@ class ExperimentSpec:
       raise schema.ConfigError(f"{nested[0]} is not a setting: set config.seed (the run's only seed)")
     return schema.from_mapping(cls, values)
 
+  @classmethod
+  def from_json(cls, record: Mapping[str, Any]) -> "ExperimentSpec":
+    """From `to_json()` output (e.g. a run's config.json): nested seeds are dropped,
+    since they follow the top-level seed."""
+
+    def strip(d, top=True):
+      return {k: strip(v, False) if isinstance(v, Mapping) else v for k, v in d.items() if top or k != "seed"}
+
+    return cls.from_dict(strip(record))
+
   def to_json(self) -> dict[str, Any]:
     return schema.to_json(self)
 
