@@ -31,7 +31,8 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # CounterFact holds out 64 few-shot facts, so its tiny pool must be larger.
   c.data.max_facts = 96 if c.data.task == "counterfact" else 48
   c.data.max_pool = 80 if c.data.task == "counterfact" else 40
-  c.data.split = "first_4" if c.data.split.startswith("first_") else c.data.split
+  if c.data.split.startswith(("first_", "random_")):
+    c.data.split = c.data.split.split("_")[0] + "_4"
   c.data.known_threshold = 0.0  # a random model knows nothing; keep every fact
   c.data.max_maintain_eval = 8
   c.localize.num_prompts = 4

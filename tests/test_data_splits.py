@@ -134,3 +134,18 @@ def test_select_missing_key(athletes):
     split.select(athletes[100:], "forget_train")
   with pytest.raises(ValueError, match="unknown split part"):
     split.keys("retain")
+
+
+def test_random_n_is_a_seeded_draw_in_pool_order(athletes, counterfact):
+  pool = athletes[:200]
+  a = make_sports_split(pool, "random_16", seed=0)
+  assert a.forget_train == make_sports_split(pool, "random_16", seed=0).forget_train
+  b = make_sports_split(pool, "random_16", seed=1)
+  assert a.forget_train != b.forget_train
+  assert a.forget_train != make_sports_split(pool, "first_16", seed=0).forget_train
+  order = {f.key: i for i, f in enumerate(pool)}
+  assert [order[k] for k in a.forget_train] == sorted(order[k] for k in a.forget_train)
+  assert not set(a.forget_train) & set(a.maintain_train + a.maintain_test)
+  assert len(set(a.forget_train) | set(a.maintain_train) | set(a.maintain_test)) == len(pool)
+  cf = make_counterfact_split(counterfact[:200], "random_8", seed=2)
+  assert len(cf.forget_train) == 8 and not set(cf.forget_train) & set(cf.few_shot)

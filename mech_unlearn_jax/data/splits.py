@@ -44,7 +44,25 @@ WHOLE_SPORT_SPLITS = SPORTS
 DEFAULT_MAINTAIN_FRACTION = 0.8
 DEFAULT_NUM_FEW_SHOT = 64
 SPLIT_FORMAT_VERSION = 1
-_FIRST_N = re.compile(r"first_(\d+)")
+_FIRST_N = re.compile(r"(first|random)_(\d+)")
+
+
+def _forget_rows(pool: Sequence[Any], name: str, seed: int) -> list[int]:
+  """Pool rows of a first_<N> (the first N) or random_<N> (a seeded draw of N) forget set.
+
+  A random draw keeps pool order, so the same seed always gives the same facts.
+  """
+  match = _FIRST_N.fullmatch(name)
+  kind, count = match.group(1), int(match.group(2))
+  if count < 1:
+    raise ValueError(f"split {name!r}: N must be positive")
+  if len(pool) < count:
+    raise _too_small(name, "the forget set", count, len(pool))
+  if kind == "first":
+    return list(range(count))
+  rows = list(range(len(pool)))
+  seeded_rng(seed, "forget", name).shuffle(rows)
+  return sorted(rows[:count])
 
 Key = str | int
 
@@ -224,16 +242,13 @@ def make_sports_split(
   _check_unique_keys(pool)
   match = _FIRST_N.fullmatch(name)
   if match:
-    count = int(match.group(1))
-    if count < 1:
-      raise ValueError(f"split {name!r}: N must be positive")
-    if len(pool) < count:
-      raise _too_small(name, "the forget set", count, len(pool))
-    forget = list(pool[:count])
+    rows = _forget_rows(pool, name, seed)
+    forget = [pool[i] for i in rows]
     targets = tuple(sports_edit_target(fact, seed) for fact in forget)
     forget_train = forget_eval = tuple(fact.key for fact in forget)
     forget_train_targets = forget_eval_targets = targets
-    rest = [fact.key for fact in pool[count:]]
+    chosen = set(rows)
+    rest = [fact.key for i, fact in enumerate(pool) if i not in chosen]
   elif name in WHOLE_SPORT_SPLITS:
     of_sport = [fact for fact in pool if fact.sport == name]
     if len(of_sport) < 2:
@@ -246,7 +261,9 @@ def make_sports_split(
     # The held-out half must not be maintained either, so the whole sport is excluded.
     rest = [fact.key for fact in pool if fact.sport != name]
   else:
-    raise ValueError(f"unknown sports split {name!r}; expected 'first_<N>' or one of {WHOLE_SPORT_SPLITS}")
+    raise ValueError(
+        f"unknown sports split {name!r}; expected 'first_<N>', 'random_<N>' or one of {WHOLE_SPORT_SPLITS}"
+    )
   maintain_train, maintain_test = _split_maintain(rest, seed, maintain_fraction, name, min_maintain, name)
   return Split(
       name=name,
@@ -277,9 +294,11 @@ def make_counterfact_split(
   held out as few-shot examples."""
   _check_unique_keys(pool)
   match = _FIRST_N.fullmatch(name)
-  if not match or int(match.group(1)) < 1:
-    raise ValueError(f"unknown CounterFact split {name!r}; expected 'first_<N>' (e.g. first_16, first_64)")
-  count = int(match.group(1))
+  if not match or int(match.group(2)) < 1:
+    raise ValueError(
+        f"unknown CounterFact split {name!r}; expected 'first_<N>' or 'random_<N>' (e.g. first_16, random_16)"
+    )
+  count = int(match.group(2))
   needed = num_few_shot + count + min_maintain
   if len(pool) < needed:
     raise _too_small(
@@ -290,10 +309,12 @@ def make_counterfact_split(
     )
   candidates = list(pool[: len(pool) - num_few_shot])
   few_shot = tuple(fact.key for fact in pool[len(pool) - num_few_shot :])
-  forget = candidates[:count]
+  rows = _forget_rows(candidates, name, seed)
+  forget = [candidates[i] for i in rows]
   keys = tuple(fact.key for fact in forget)
   targets = tuple(fact.target_false for fact in forget)
-  rest = [fact.key for fact in candidates[count:]]
+  chosen = set(rows)
+  rest = [fact.key for i, fact in enumerate(candidates) if i not in chosen]
   maintain_train, maintain_test = _split_maintain(rest, seed, maintain_fraction, name, min_maintain, "counterfact")
   return Split(
       name=name,

@@ -40,6 +40,23 @@ class WorkdirBusyError(RuntimeError):
   """Another process is running in the same workdir."""
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedOutputs:
+  """Stage outputs several runs share (a study's cells); None: the run's own.
+
+  Attributes:
+    knowledge: knowledge.json of the model and data (every cell of a setting).
+    evidence_dir: folder of the fact-lookup evidence (per setting and seed: every
+      method's budget comes from it).
+    unedited_dir: folder for the unedited model's evaluation and robustness control
+      (per setting and seed: they do not depend on the method).
+  """
+
+  knowledge: pathlib.Path | None = None
+  evidence_dir: pathlib.Path | None = None
+  unedited_dir: pathlib.Path | None = None
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: pathlib.Path):
   """An exclusive lock on the workdir for the lifetime of a run (released on exit/kill)."""
@@ -76,12 +93,22 @@ def check_or_write_config(spec: ExperimentSpec, workdir: pathlib.Path) -> None:
     io.write_json(path, current)
 
 
-def run_experiment(spec: ExperimentSpec, workdir: str | os.PathLike) -> dict[str, Any]:
-  """Runs (or resumes, or just re-reports) the main job; returns the results dict."""
+def run_experiment(
+    spec: ExperimentSpec, workdir: str | os.PathLike, shared: SharedOutputs | None = None,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+  """Runs (or resumes, or just re-reports) the main job; returns the results dict.
+
+  Args:
+    spec: the experiment.
+    workdir: where every stage writes (see the module docstring).
+    shared: stage outputs shared with other runs (a study's cells).
+    loaded: (model, tokenizer) already loaded for `spec.model` (a study loads once).
+  """
   workdir = pathlib.Path(workdir)
-  lock = workdir_lock(workdir) if os.access(workdir.parent if not workdir.exists() else workdir, os.W_OK) else contextlib.nullcontext()
-  with lock:
-    return _run(spec, workdir)
+  writable = os.access(workdir if workdir.exists() else workdir.parent, os.W_OK)
+  with workdir_lock(workdir) if writable else contextlib.nullcontext():
+    return _run(spec, workdir, shared=shared or SharedOutputs(), loaded=loaded)
 
 
 def attack_only(workdir: str | os.PathLike, robustness_config: Any = None) -> dict[str, Any]:
@@ -105,21 +132,24 @@ def attack_only(workdir: str | os.PathLike, robustness_config: Any = None) -> di
     return _run(spec, workdir, record_config=False)
 
 
-def _run(spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True) -> dict[str, Any]:
+def _run(
+    spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True,
+    shared: SharedOutputs = SharedOutputs(), loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
   if record_config:
     check_or_write_config(spec, workdir)
   task = get_task(spec.data.task)
   unlearn = spec.edit.forget_loss == "unlearn"
 
   with progress.stage("load model") as info:
-    model, tokenizer = loaders.load_model_and_tokenizer(spec.model, spec.seed)
+    model, tokenizer = loaded or loaders.load_model_and_tokenizer(spec.model, spec.seed)
     info["detail"] = f"{spec.model}: {model.config.num_layers} layers"
   if spec.localize.layers:
     select.check_layers(spec.localize.layers, model.config.num_layers)
 
   with progress.stage("knowledge") as info:
     knowledge = stages.knowledge_stage(
-        model, tokenizer, task, spec.data, spec.eval.batch_size, workdir / "knowledge.json"
+        model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or workdir / "knowledge.json"
     )
     info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
 
@@ -136,7 +166,7 @@ def _run(spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True
   with progress.stage("localize") as info:
     loc = stages.localization_stage(
         model, tokenizer, task, knowledge.pool, split, spec.localize, spec.seed,
-        workdir / "localization", context={"model": spec.model},
+        workdir / "localization", context={"model": spec.model}, evidence_dir=shared.evidence_dir,
     )
     info["detail"] = f"{loc.evidence['mask_name']}: {loc.trained_parameters:,} weights, FLU layers {loc.evidence['flu_layers']}"
 
@@ -148,7 +178,8 @@ def _run(spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True
       unlearn=unlearn, retain_heldout=retain.heldout, seed=spec.seed,
   )
   with progress.stage("evaluate unedited"):
-    before = stages.evaluation_stage(model, tokenizer, path=workdir / "evaluation" / "unedited.json", **eval_args)
+    unedited_dir = shared.unedited_dir or workdir
+    before = stages.evaluation_stage(model, tokenizer, path=unedited_dir / "evaluation" / "unedited.json", **eval_args)
 
   with progress.stage("edit") as info:
     data = stages.edit_data(tokenizer, task, knowledge.facts, split, unlearn, retain.train)
@@ -164,7 +195,7 @@ def _run(spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True
   if spec.robustness.any_enabled:
     robust = robustness_for_run(
         spec, task, tokenizer, knowledge.facts, split, retain, workdir,
-        unedited=model, edited=result.model,
+        unedited=model, edited=result.model, unedited_dir=shared.unedited_dir,
     )
 
   results = {
@@ -185,7 +216,9 @@ def _run(spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True
   return results
 
 
-def robustness_for_run(spec, task, tokenizer, facts, split, retain, workdir, *, unedited, edited) -> dict[str, Any]:
+def robustness_for_run(
+    spec, task, tokenizer, facts, split, retain, workdir, *, unedited, edited, unedited_dir=None
+) -> dict[str, Any]:
   """The robustness stages on the unedited control and on the edited model."""
   unlearn = spec.edit.forget_loss == "unlearn"
   common = dict(
@@ -195,9 +228,10 @@ def robustness_for_run(spec, task, tokenizer, facts, split, retain, workdir, *, 
   )
   out = {}
   for name, model, base in (("unedited", unedited, None), ("edited", edited, unedited)):
+    root = (unedited_dir or workdir) if name == "unedited" else workdir
     with progress.stage(f"robustness ({name})"):
       out[name] = robustness.run_robustness(
-          model, base_model=base, out_dir=workdir / "robustness" / name, **common
+          model, base_model=base, out_dir=root / "robustness" / name, **common
       )
   return out
 
