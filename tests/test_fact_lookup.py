@@ -181,11 +181,12 @@ def test_choose_flu_layers_paper_rule():
   nan = float("nan")
   # The last scored layer (5) sets the baseline; |diff| > 0.02 keeps layers on both sides.
   enrichment = np.array([0.01, 0.30, 0.25, 0.015, 0.40, 0.29, nan, nan])
-  rule = fl.FLURule.paper(contiguous=False)
+  rule = fl.FLURule.paper()
   layers, trace = fl.choose_flu_layers(enrichment, None, [6], rule)
   assert trace["baseline_layer"] == 5 and trace["baseline"] == pytest.approx(0.29)
+  # The paper keeps the layers that pass, not the gap (layer 1) between them.
   assert layers == [0, 2, 3, 4]
-  layers, _ = fl.choose_flu_layers(enrichment, None, [6], fl.FLURule.paper())
+  layers, _ = fl.choose_flu_layers(enrichment, None, [6], rule.replace(contiguous=True, max_gap=None))
   assert layers == [0, 1, 2, 3, 4]
   layers, _ = fl.choose_flu_layers(enrichment, None, [6], rule.replace(absolute=False))
   assert layers == [4]

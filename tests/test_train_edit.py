@@ -271,8 +271,8 @@ def test_edit_config_validation():
     train_lib.EditConfig(forget_loss="ascent")
   with pytest.raises(ValueError, match="warmup_steps"):
     train_lib.EditConfig(steps=5, warmup_steps=5)
-  with pytest.raises(ValueError, match="unknown fields.*lr"):
-    train_lib.EditConfig.from_json({"lr": 1.0})
+  with pytest.raises(ValueError, match="unknown fields.*learning_rate"):
+    train_lib.EditConfig.from_json({"learning_rate": 1.0})
   config = train_lib.EditConfig(lr=3e-5, warmup_steps=2)
   assert train_lib.EditConfig.from_json(config.to_json()) == config
 

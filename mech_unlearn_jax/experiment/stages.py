@@ -117,11 +117,26 @@ def localization_stage(
 ) -> select.Localization:
   """The configured method's mask at the fact-lookup budget (see `localize.select`)."""
   facts = localization_facts(task, pool, split, config.num_prompts)
-  batch = task.fact_batch(tokenizer, task.localize_format(), facts)
+  fmt = task.localize_format()
+  batch = task.fact_batch(tokenizer, fmt, facts)
   labels, names = task.attribute_labels(facts)
+  probe_batch = probe_labels = None
+  if config.probe_facts > len(facts) and not (config.layers and config.method == "fact_lookup"):
+    probe_facts = localization_facts(task, pool, split, config.probe_facts)
+    probe_batch = task.fact_batch(tokenizer, fmt, probe_facts)
+    # Class indices over the same class list as the localization facts' labels.
+    all_labels, all_names = task.attribute_labels(probe_facts)
+    index = {n: i for i, n in enumerate(names)}
+    keep = np.array([all_names[l] in index for l in all_labels])
+    if not keep.all():
+      probe_facts = [f for f, k in zip(probe_facts, keep) if k]
+      probe_batch = task.fact_batch(tokenizer, fmt, probe_facts)
+      all_labels = all_labels[keep]
+    probe_labels = np.array([index[all_names[l]] for l in all_labels], np.int32)
   return select.localize(
       model, tokenizer, batch, labels, len(names), config, seed=seed, out_dir=out_dir,
       context=dict(context or {}, task=task.name), evidence_dir=evidence_dir,
+      probe_batch=probe_batch, probe_labels=probe_labels,
   )
 
 

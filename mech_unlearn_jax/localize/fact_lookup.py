@@ -25,7 +25,7 @@ final position. We find the FLU MLP layers from three measurements and one rule:
     `threshold` (0.02) and `z` (2) standard errors over prompts; gaps of at most
     `max_gap` layers between kept layers are filled so the FLU range is contiguous.
     `FLURule.paper()` is the paper's CounterFact rule (|score - last scored layer's
-    score| > 0.02, the whole range filled); its pick is recorded next to ours. An
+    score| > 0.02; the layers that pass, not the gaps); its pick is recorded next to ours. An
     explicit layer list overrides the result (the computed one is still recorded).
 
 Metric: logit diff = logit(answer) - mean logit(wrong candidates) at the last prompt
@@ -163,7 +163,7 @@ class FLURule:
 
   The default keeps MLPs whose own enrichment is clearly positive: score > 0.02 and
   > 2 standard errors (over prompts). `FLURule.paper()` is the paper's CounterFact
-  rule, |score - last layer's score| > 0.02 with the range filled: it also keeps
+  rule, |score - last layer's score| > 0.02 (the layers that pass): it also keeps
   layers that merely differ from a nonzero last layer, including negative ones.
 
   Attributes:
@@ -215,9 +215,12 @@ class FLURule:
 
   @classmethod
   def paper(cls, **overrides: Any) -> "FLURule":
-    """The paper's CounterFact rule: |score - last layer's score| > 0.02, range filled."""
+    """The paper's CounterFact rule: keep the layers with |score - last layer's score| > 0.02.
+
+    Only the layers that pass are kept, not the gaps between them.
+    """
     return cls(**{
-        **dict(baseline="last", absolute=True, z=0.0, max_gap=None, probe_saturation=None),
+        **dict(baseline="last", absolute=True, z=0.0, contiguous=False, probe_saturation=None),
         **overrides,
     })
 
@@ -271,10 +274,12 @@ class FactLookupResult:
   layers: tuple[int, ...]
   rule: FLURule
   trace: dict[str, Any]
+  total_effect: Any = None  # ablation.AblationResult: the independent total-effect check
 
   def to_json(self) -> dict[str, Any]:
     nan_to_none = lambda xs: [None if not math.isfinite(float(x)) else float(x) for x in xs]
     return {
+        "total_effect": None if self.total_effect is None else self.total_effect.to_json(),
         "layers": list(self.layers),
         "extraction_layers": list(self.extraction_layers),
         "rule": dataclasses.asdict(self.rule),
@@ -554,6 +559,9 @@ def run_fact_lookup(
     num_classes: int,
     config: FactLookupConfig = FactLookupConfig(),
     corrupt_tokens_BxL: np.ndarray | None = None,
+    probe_batch: FactBatch | None = None,
+    probe_labels_N: np.ndarray | None = None,
+    total_effect: bool = True,
 ) -> FactLookupResult:
   """Runs (a)-(d) on prompts whose subject's attribute is `labels_N`.
 
@@ -565,15 +573,25 @@ def run_fact_lookup(
     config: rule, probe and patching settings.
     corrupt_tokens_BxL: corrupted tokens for the whole batch (e.g. from
       `corruption.corrupt_subjects`); default: `corrupt_subject_tokens`.
+    probe_batch, probe_labels_N: the probes' facts (a few hundred give a stable
+      curve; default: `batch`).
+    total_effect: also run the independent mean-ablation check (`ablation.py`) on
+      the patching prompts.
   """
   labels = np.asarray(labels_N)
   if labels.shape != (batch.size,):
     raise ValueError(f"labels_N has shape {labels.shape}, expected ({batch.size},)")
-  logging.info("fact lookup: probes on %d prompts", batch.size)
-  acts_subject = probes_lib.batch_activations(model, batch, "subject_last", config.chunk_size)
-  acts_final = probes_lib.batch_activations(model, batch, "final", config.chunk_size)
-  probe_subject = probes_lib.train_and_evaluate(acts_subject, labels, num_classes, config.probe)
-  probe_final = probes_lib.train_and_evaluate(acts_final, labels, num_classes, config.probe)
+  if probe_batch is None:
+    probe_batch, probe_labels = batch, labels
+  else:
+    probe_labels = np.asarray(probe_labels_N)
+    if probe_labels.shape != (probe_batch.size,):
+      raise ValueError(f"probe_labels_N has shape {probe_labels.shape}, expected ({probe_batch.size},)")
+  logging.info("fact lookup: probes on %d prompts", probe_batch.size)
+  acts_subject = probes_lib.batch_activations(model, probe_batch, "subject_last", config.chunk_size)
+  acts_final = probes_lib.batch_activations(model, probe_batch, "final", config.chunk_size)
+  probe_subject = probes_lib.train_and_evaluate(acts_subject, probe_labels, num_classes, config.probe)
+  probe_final = probes_lib.train_and_evaluate(acts_final, probe_labels, num_classes, config.probe)
   num_patch = min(batch.size, config.max_patch_prompts)
   patch_batch = batch.slice(0, num_patch)
   corrupt = _corrupted(batch, config.seed, corrupt_tokens_BxL)[:num_patch]
@@ -595,6 +613,18 @@ def run_fact_lookup(
   trace["paper_rule_layers"] = choose_flu_layers(
       enrichment, None, extraction, FLURule.paper(), enrichment_se
   )[0]
+  effect = None
+  if total_effect:
+    from mech_unlearn_jax.localize import ablation  # pylint: disable=g-import-not-at-top
+
+    effect = ablation.mlp_mean_ablation(model, patch_batch, config.chunk_size)
+    # Do both measurements agree on the pick? The mask follows the enrichment rule.
+    top = int(np.argmax(effect.effect))
+    trace["total_effect_top_layer"] = top
+    trace["total_effect_significant_layers"] = [
+        int(l) for l in range(len(effect.effect))
+        if effect.effect[l] > max(config.rule.threshold, 2 * effect.effect_se[l])
+    ]
   return FactLookupResult(
       probe_subject=probe_subject,
       probe_final=probe_final,
@@ -606,6 +636,7 @@ def run_fact_lookup(
       layers=tuple(layers),
       rule=config.rule,
       trace=trace,
+      total_effect=effect,
   )
 
 
@@ -691,6 +722,24 @@ def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title:
   paths.append(directory / "enrichment.png")
   _save_figure(fig, paths[-1])
   plt.close(fig)
+
+  if result.total_effect is not None:
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    te = result.total_effect
+    width = 0.4
+    ax.bar(layers - width / 2, np.nan_to_num(result.enrichment), width, label="enrichment (path patching)",
+           color=colors)
+    ax.bar(layers + width / 2, te.effect, width, yerr=te.effect_se, capsize=2, ecolor="black",
+           label="total effect: drop in p(true) under mean-ablation", color="tab:orange")
+    ax.axhline(0, color="gray", lw=1)
+    ax.set_xticks(layers)
+    ax.set_xlabel("MLP layer (output at subject tokens)")
+    ax.set_ylabel("score")
+    ax.set_title("Two measurements per MLP (FLU layers green)" + suffix)
+    ax.legend(fontsize=7)
+    paths.append(directory / "total_effect.png")
+    _save_figure(fig, paths[-1])
+    plt.close(fig)
   return paths
 
 

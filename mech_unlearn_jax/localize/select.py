@@ -93,7 +93,9 @@ class LocalizeConfig:
     method: one of `METHODS`.
     layers: explicit FLU MLP layers (skips the rule; the mask is then "manual").
     score_mode: "reference" (signed unit sums, whole units) or "per_matrix".
-    num_prompts: known facts (pool order) the localization runs on.
+    num_prompts: known facts (forget facts first) the localization traces.
+    probe_facts: known facts the fact-lookup probes are trained on (a few hundred give
+      a stable probe curve; 0: the `num_prompts` facts).
     fact_lookup: the automated FLU procedure and its rule.
     ap, ct: output-tracing settings.
   """
@@ -102,6 +104,7 @@ class LocalizeConfig:
   layers: tuple[int, ...] = ()
   score_mode: Literal["reference", "per_matrix"] = "reference"
   num_prompts: int = 32
+  probe_facts: int = 256
   fact_lookup: fl.FactLookupConfig = fl.FactLookupConfig(rule=_sports_flu_rule(), max_patch_prompts=128)
   ap: APSettings = APSettings()
   ct: CTSettings = CTSettings()
@@ -165,6 +168,8 @@ def fact_lookup_layers(
     seed: int,
     out_dir: pathlib.Path | None,
     context: Mapping[str, Any] | None = None,
+    probe_batch: FactBatch | None = None,
+    probe_labels: np.ndarray | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
   """(FLU layers, evidence summary); reads `out_dir/fact_lookup/` back when present."""
   if config.layers:
@@ -175,7 +180,9 @@ def fact_lookup_layers(
     record = io.read_json(evidence_path, "fact-lookup evidence")
   else:
     flu_config = dataclasses.replace(config.fact_lookup, seed=seed)
-    result = fl.run_fact_lookup(model, batch, labels, num_classes, flu_config, corrupt_BxL)
+    result = fl.run_fact_lookup(
+        model, batch, labels, num_classes, flu_config, corrupt_BxL, probe_batch, probe_labels
+    )
     if out_dir is not None:
       fl.save_evidence(result, out_dir / "fact_lookup", extra=dict(context or {}, num_facts=batch.size))
     record = result.to_json()
@@ -260,6 +267,8 @@ def localize(
     out_dir: str | pathlib.Path | None = None,
     context: Mapping[str, Any] | None = None,
     evidence_dir: str | pathlib.Path | None = None,
+    probe_batch: FactBatch | None = None,
+    probe_labels: np.ndarray | None = None,
 ) -> Localization:
   """Localizes with `config.method` at the FLU budget (see the module docstring).
 
@@ -275,6 +284,7 @@ def localize(
     context: extra JSON recorded with the evidence (model, task, ...).
     evidence_dir: where the fact-lookup evidence goes (default `out_dir`); runs of
       several methods on the same facts share it, so the rule runs once.
+    probe_batch, probe_labels: the fact-lookup probes' facts (default: `batch`).
   """
   out = None if out_dir is None else pathlib.Path(out_dir)
   mask_path = None if out is None else out / "mask.npz"
@@ -284,7 +294,9 @@ def localize(
   started = time.time()
   corrupt = corrupt_batch(model, tokenizer, batch, seed)
   evidence_root = out if evidence_dir is None else pathlib.Path(evidence_dir)
-  layers, evidence = fact_lookup_layers(model, batch, corrupt, labels, num_classes, config, seed, evidence_root, context)
+  layers, evidence = fact_lookup_layers(
+      model, batch, corrupt, labels, num_classes, config, seed, evidence_root, context, probe_batch, probe_labels
+  )
   evidence.update(method=config.method, mask_name=config.mask_name, num_prompts=batch.size, flu_layers=layers)
   scores = None
   if config.method in OUTPUT_TRACING:
