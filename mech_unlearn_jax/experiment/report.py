@@ -25,8 +25,15 @@ def format_validity(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   return valid
 
 
-def summarize(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """One row per (format, facts, answer): unedited vs edited probability and argmax."""
+def summarize(
+    before: Mapping[str, Any], after: Mapping[str, Any], measure: str = "prob_normalized"
+) -> list[dict[str, Any]]:
+  """One row per (format, facts, answer): unedited vs edited probability and argmax.
+
+  `measure` is the paper's "accuracy": p normalized over the candidate answers
+  (sports) or the full-vocabulary p of the first target token (CounterFact, whose
+  two candidates would make p(true) + p(false) = 1 and forget = 1 - edit).
+  """
   rows = []
   index = {(c["format"], c["facts"], c["answer"]): c for c in after["cells"]}
   for c in before["cells"]:
@@ -35,7 +42,7 @@ def summarize(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[
       continue
     rows.append({
         "format": c["format"], "facts": c["facts"], "answer": c["answer"], "n": c["n"],
-        "unedited_prob": c["prob_normalized"], "edited_prob": e["prob_normalized"],
+        "unedited_prob": c[measure], "edited_prob": e[measure], "measure": measure,
         "unedited_argmax": c["argmax_candidates"], "edited_argmax": e["argmax_candidates"],
         "unedited_prob_full": c["prob_full"], "edited_prob_full": e["prob_full"],
     })
@@ -43,7 +50,10 @@ def summarize(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], validity: Mapping[str, Any]) -> str:
+  measure = rows[0].get("measure", "prob_normalized") if rows else "prob_normalized"
   lines = [
+      "p = " + ("full-vocabulary probability of the answer's first token" if measure == "prob_full"
+                else "probability normalized over the candidate answers") + "\n",
       "| format | facts | answer | n | unedited p | edited p | unedited argmax | edited argmax | format valid (unedited above chance) |",
       "|---|---|---|---|---|---|---|---|---|",
   ]
@@ -67,7 +77,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
       f"trained parameters: {results['trained_parameters']:,} ({results['localization']['mask_name']})\n"
   )
   formats = results["config"]["eval"]["formats"]
-  text += "\n" + robustness_markdown(results.get("robustness", {}), formats, results["format_validity"])
+  text += "\n" + robustness_markdown(results.get("robustness", {}), formats, results["format_validity"], _measure(results))
   return text
 
 
@@ -88,6 +98,11 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: pathlib.Path, title: s
   io.save_figure(fig, path)
 
 
+def _measure(results: Mapping[str, Any]) -> str:
+  rows = results.get("summary") or [{}]
+  return rows[0].get("measure", "prob_normalized")
+
+
 def write_if_changed(path: pathlib.Path, text: str) -> bool:
   """Writes `text` atomically unless the file already holds it; returns whether it wrote."""
   if path.is_file() and path.read_text(encoding="utf-8") == text:
@@ -102,17 +117,17 @@ def write_report(workdir: pathlib.Path, results: Mapping[str, Any], title: str) 
   write_if_changed(workdir / "results.md", results_markdown(results))
   if changed or not (workdir / "results.png").is_file():
     plot_results(results["summary"], workdir / "results.png", title)
-    plot_robustness(results.get("robustness", {}), results["config"]["eval"]["formats"], workdir)
+    plot_robustness(results.get("robustness", {}), results["config"]["eval"]["formats"], workdir, _measure(results))
 
 
 # ----------------------------------------------------------------------------------
 # Robustness: relearning, latent probes, soft prompts, side effects.
 
 
-def _cell_p(cells, fmt, answer="correct"):
+def _cell_p(cells, fmt, answer="correct", measure="prob_normalized"):
   for c in cells:
     if c["format"] == fmt and c["answer"] == answer:
-      return c["prob_normalized"]
+      return c[measure]
   return None
 
 
@@ -120,7 +135,9 @@ def _fmt(x, digits=3):
   return "-" if x is None else f"{x:.{digits}f}"
 
 
-def relearn_rows(robust: Mapping[str, Any], formats: Sequence[str]) -> list[dict[str, Any]]:
+def relearn_rows(
+    robust: Mapping[str, Any], formats: Sequence[str], measure: str = "prob_normalized"
+) -> list[dict[str, Any]]:
   """(attacker, model, step) -> held-out forget p(true) per format, and edit p."""
   rows = []
   for attacker in ("relearn_lora", "relearn_full"):
@@ -131,21 +148,24 @@ def relearn_rows(robust: Mapping[str, Any], formats: Sequence[str]) -> list[dict
       for step, ev in sorted(res["curve"].items(), key=lambda kv: int(kv[0])):
         row = {"attacker": attacker.split("_")[1], "model": model, "step": int(step)}
         for f in formats:
-          row[f] = _cell_p(ev["cells"], f)
-        row["standard_edit"] = _cell_p(ev["cells"], "standard", "edit")
+          row[f] = _cell_p(ev["cells"], f, measure=measure)
+        row["standard_edit"] = _cell_p(ev["cells"], "standard", "edit", measure)
         rows.append(row)
   return rows
 
 
-def robustness_markdown(robust: Mapping[str, Any], formats: Sequence[str], validity: Mapping[str, Any]) -> str:
+def robustness_markdown(
+    robust: Mapping[str, Any], formats: Sequence[str], validity: Mapping[str, Any], measure: str = "prob_normalized"
+) -> str:
   """The robustness tables of results.md (unedited control next to the edited model)."""
   if not robust:
     return ""
   mark = lambda f: f if validity.get(f, {}).get("valid") else f"{f} (not valid)"
   out = []
-  rows = relearn_rows(robust, formats)
+  rows = relearn_rows(robust, formats, measure)
   if rows:
-    out.append("### Relearning attack (held-out half of the forget set, p(true) normalized over candidates)\n")
+    what = "full-vocabulary p(true)" if measure == "prob_full" else "p(true) normalized over candidates"
+    out.append(f"### Relearning attack (held-out half of the forget set, {what})\n")
     out.append("| attacker | model | step | " + " | ".join(mark(f) for f in formats) + " | standard: p(edit) |")
     out.append("|---|---|---|" + "---|" * (len(formats) + 1))
     for r in rows:
@@ -204,10 +224,12 @@ def robustness_markdown(robust: Mapping[str, Any], formats: Sequence[str], valid
   return "\n".join(out) + "\n"
 
 
-def plot_robustness(robust: Mapping[str, Any], formats: Sequence[str], directory: pathlib.Path) -> None:
+def plot_robustness(
+    robust: Mapping[str, Any], formats: Sequence[str], directory: pathlib.Path, measure: str = "prob_normalized"
+) -> None:
   """relearning.png (standard-format p(true) vs attack step) and probes.png (per layer)."""
   plt = io.pyplot()
-  rows = relearn_rows(robust, formats)
+  rows = relearn_rows(robust, formats, measure)
   if rows:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     for ax, attacker in zip(axes, ("lora", "full")):

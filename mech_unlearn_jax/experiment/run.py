@@ -207,7 +207,7 @@ def _run(
       "format_validity": report.format_validity(before["cells"]),
       "unedited": before,
       "edited": after,
-      "summary": report.summarize(before, after),
+      "summary": report.summarize(before, after, "prob_full" if task.first_token_only else "prob_normalized"),
       "edit_history": result.history,
       "robustness": robust,
   }
