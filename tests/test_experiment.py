@@ -124,3 +124,30 @@ def test_counterfact_tiny_end_to_end(tmp_path, reference_data_dir):
   assert results["split"]["few_shot"] == 64 and results["split"]["forget_train"] == 4
   assert {r["format"] for r in results["summary"]} == {"standard", "mc"}
   assert results["knowledge"]["measure"] == "prob_full"
+
+
+def test_counterfact_sequential_rounds(tmp_path, reference_data_dir):
+  """Four rounds, each editing the previous round's model, evaluated after every round."""
+  from configs import counterfact_sequential
+  from mech_unlearn_jax.experiment import run as run_lib
+
+  config = counterfact_sequential.get_config("tiny")
+  config.data.counterfact_path = str(reference_data_dir / "counterfact_with_prompts.csv")
+  config.data.counterfact_mc_path = str(reference_data_dir / "counterfact_mc_questions.parquet")
+  config.eval.formats = ("standard",)
+  for stage in ("relearn", "probes", "soft_prompt", "trivia"):
+    setattr(config.robustness, stage, False)
+  spec = experiment.ExperimentSpec.from_dict(config.to_dict())
+  results = experiment.run_experiment(spec, tmp_path)
+  rounds = results["sequential_rounds"]
+  assert [r["edited_so_far"] for r in rounds] == [1, 2, 3, 4]
+  assert sorted({h["round"] for h in results["edit_history"]}) == [0, 1, 2, 3]
+  for r in range(4):
+    assert (tmp_path / "checkpoints" / f"round_{r}").is_dir()
+    assert (tmp_path / "evaluation" / f"round_{r}.json").is_file()
+  split = json.loads((tmp_path / "split.json").read_text())
+  sub = run_lib.round_split(experiment.run.splits_lib.Split.read(tmp_path / "split.json"), 4, 2)
+  assert sub.forget_train == (split["forget_train"][2],) and len(sub.forget_eval) == 3
+  assert not set(split["forget_train"]) & set(split["maintain_train"] + split["maintain_test"])
+  with pytest.raises(ValueError, match="sequential_rounds=3 must divide"):
+    run_lib.round_split(experiment.run.splits_lib.Split.read(tmp_path / "split.json"), 3, 0)

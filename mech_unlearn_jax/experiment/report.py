@@ -76,6 +76,15 @@ def results_markdown(results: Mapping[str, Any]) -> str:
       f" KL(original || edited) {after['kl_original_edited']:.4f} nats/token\n"
       f"trained parameters: {results['trained_parameters']:,} ({results['localization']['mask_name']})\n"
   )
+  if results.get("sequential_rounds"):
+    text += "\n### Sequential editing (standard format, after each round)\n\n"
+    text += "| round | facts edited so far | forget p(true) | forget p(edit) | maintain p(true) | KL |\n|---|---|---|---|---|---|\n"
+    for r in results["sequential_rounds"]:
+      text += (
+          f"| {r['round'] + 1} | {r['edited_so_far']} | {_fmt(r.get('standard_forget_correct'))} |"
+          f" {_fmt(r.get('standard_forget_edit'))} | {_fmt(r.get('standard_maintain_correct'))} |"
+          f" {_fmt(r.get('kl_original_edited'), 4)} |\n"
+      )
   formats = results["config"]["eval"]["formats"]
   text += "\n" + robustness_markdown(results.get("robustness", {}), formats, results["format_validity"], _measure(results))
   return text

@@ -30,7 +30,8 @@ from mech_unlearn_jax import io
 from mech_unlearn_jax import progress
 from mech_unlearn_jax.data import splits as splits_lib
 from mech_unlearn_jax.data.tasks import get_task
-from mech_unlearn_jax.experiment import report, robustness, schema, stages
+from mech_unlearn_jax.experiment import inputs as inputs_lib
+from mech_unlearn_jax.experiment import report, robustness, schema, stages, validate
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.localize import select
 from mech_unlearn_jax.models import loaders
@@ -136,8 +137,11 @@ def _run(
     spec: ExperimentSpec, workdir: pathlib.Path, record_config: bool = True,
     shared: SharedOutputs = SharedOutputs(), loaded: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
+  # The whole config first (nothing written if refused), then the inputs' fingerprints.
+  validate.validate_spec(spec, num_layers=loaded[0].config.num_layers if loaded else None)
   if record_config:
     check_or_write_config(spec, workdir)
+  inputs_lib.check_inputs(spec, workdir)
   task = get_task(spec.data.task)
   unlearn = spec.edit.forget_loss == "unlearn"
 
@@ -181,10 +185,16 @@ def _run(
     unedited_dir = shared.unedited_dir or workdir
     before = stages.evaluation_stage(model, tokenizer, path=unedited_dir / "evaluation" / "unedited.json", **eval_args)
 
-  with progress.stage("edit") as info:
-    data = stages.edit_data(tokenizer, task, knowledge.facts, split, unlearn, retain.train)
-    result = stages.edit_stage(model, loc.mask, data, spec.edit, workdir / "checkpoints", spec.model, split)
-    info["detail"] = f"{len(result.history)} steps"
+  rounds = []
+  if spec.data.sequential_rounds > 1:
+    result, rounds = sequential_edits(
+        spec, model, tokenizer, task, knowledge.facts, split, loc.mask, retain, workdir, eval_args
+    )
+  else:
+    with progress.stage("edit") as info:
+      data = stages.edit_data(tokenizer, task, knowledge.facts, split, unlearn, retain.train)
+      result = stages.edit_stage(model, loc.mask, data, spec.edit, workdir / "checkpoints", spec.model, split)
+      info["detail"] = f"{len(result.history)} steps"
 
   with progress.stage("evaluate edited"):
     after = stages.evaluation_stage(
@@ -211,9 +221,64 @@ def _run(
       "edit_history": result.history,
       "robustness": robust,
   }
+  if rounds:
+    results["sequential_rounds"] = rounds
   if os.access(workdir, os.W_OK):
     report.write_report(workdir, results, f"{task.name} {split.name}, {loc.evidence['mask_name']}")
   return results
+
+
+def round_split(split: splits_lib.Split, rounds: int, r: int) -> splits_lib.Split:
+  """Round r of a sequential edit: trains on its own block of the forget set and is
+  evaluated on every fact edited so far (the maintain set excludes all of them)."""
+  size, rest = divmod(len(split.forget_train), rounds)
+  if rest or size < 1:
+    raise ValueError(
+        f"config.data.sequential_rounds={rounds} must divide the forget set of split"
+        f" {split.name!r} ({len(split.forget_train)} facts)"
+    )
+  if split.forget_train != split.forget_eval:
+    raise ValueError(f"sequential editing needs a first_<N>/random_<N> split, not {split.name!r}")
+  block = slice(r * size, (r + 1) * size)
+  so_far = slice(0, (r + 1) * size)
+  return dataclasses.replace(
+      split,
+      forget_train=split.forget_train[block], forget_train_targets=split.forget_train_targets[block],
+      forget_eval=split.forget_eval[so_far], forget_eval_targets=split.forget_eval_targets[so_far],
+      metadata=dict(split.metadata, sequential_round=r, sequential_rounds=rounds),
+  )
+
+
+def sequential_edits(spec, model, tokenizer, task, facts, split, mask, retain, workdir, eval_args):
+  """Edits the forget set in `sequential_rounds` consecutive blocks (METHOD §1.2).
+
+  Each round trains on its block starting from the previous round's model (its own
+  checkpoints in checkpoints/round_r) and is evaluated on every fact edited so far.
+  Returns (the last round's TrainResult with the whole history, per-round summaries).
+  """
+  rounds = spec.data.sequential_rounds
+  unlearn = spec.edit.forget_loss == "unlearn"
+  current, history, summaries = model, [], []
+  for r in range(rounds):
+    sub = round_split(split, rounds, r)
+    with progress.stage(f"edit round {r + 1}/{rounds}"):
+      data = stages.edit_data(tokenizer, task, facts, sub, unlearn, retain.train)
+      result = stages.edit_stage(current, mask, data, spec.edit, workdir / "checkpoints" / f"round_{r}", spec.model, sub)
+    history += [dict(h, round=r) for h in result.history]
+    current = result.model
+    with progress.stage(f"evaluate round {r + 1}"):
+      ev = stages.evaluation_stage(
+          current, tokenizer, original=model, path=workdir / "evaluation" / f"round_{r}.json",
+          **dict(eval_args, split=sub),
+      )
+    standard = {(c["facts"], c["answer"]): c for c in ev["cells"] if c["format"] == "standard"}
+    measure = "prob_full" if task.first_token_only else "prob_normalized"
+    summaries.append({
+        "round": r, "edited_so_far": len(sub.forget_eval),
+        **{f"standard_{f}_{a}": c[measure] for (f, a), c in standard.items()},
+        "kl_original_edited": ev.get("kl_original_edited"),
+    })
+  return dataclasses.replace(result, history=history), summaries
 
 
 def robustness_for_run(
