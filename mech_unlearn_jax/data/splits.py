@@ -31,7 +31,6 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -167,21 +166,10 @@ class Split:
     return cls(**record)
 
   def write(self, path: str | os.PathLike) -> pathlib.Path:
-    """Writes `to_json()` atomically (temp file in the same folder, then os.replace)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-      with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
-        temp_file.write(self.to_json())
-        temp_file.flush()
-        os.fsync(temp_file.fileno())
-      os.replace(temp_name, path)
-    except BaseException:
-      if os.path.exists(temp_name):
-        os.unlink(temp_name)
-      raise
-    return path
+    """Writes `to_json()` atomically (`mech_unlearn_jax.io.write_text`)."""
+    from mech_unlearn_jax import io  # pylint: disable=g-import-not-at-top
+
+    return io.write_text(path, self.to_json())
 
   @classmethod
   def read(cls, path: str | os.PathLike) -> "Split":

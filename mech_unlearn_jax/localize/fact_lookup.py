@@ -644,12 +644,6 @@ def run_fact_lookup(
 # Evidence files.
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-  mio.write_json(path, data)
-
-
-def _save_figure(fig, path: pathlib.Path) -> None:
-  mio.save_figure(fig, path)
 
 
 def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title: str = "") -> list[pathlib.Path]:
@@ -683,7 +677,7 @@ def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title:
   ax.set_title("Linear probes for the attribute" + suffix)
   ax.legend(fontsize=7)
   paths.append(directory / "probe_curve.png")
-  _save_figure(fig, paths[-1])
+  mio.save_figure(fig, paths[-1])
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -698,7 +692,7 @@ def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title:
   ax.set_title(f"Extraction layers {list(result.extraction_layers)}" + suffix)
   ax.legend(fontsize=7)
   paths.append(directory / "extraction.png")
-  _save_figure(fig, paths[-1])
+  mio.save_figure(fig, paths[-1])
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -720,7 +714,7 @@ def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title:
   ax.set_title(f"Enrichment (+-1 s.e.); FLU layers {list(result.layers)} green" + suffix)
   ax.legend(fontsize=7)
   paths.append(directory / "enrichment.png")
-  _save_figure(fig, paths[-1])
+  mio.save_figure(fig, paths[-1])
   plt.close(fig)
 
   if result.total_effect is not None:
@@ -738,7 +732,7 @@ def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title:
     ax.set_title("Two measurements per MLP (FLU layers green)" + suffix)
     ax.legend(fontsize=7)
     paths.append(directory / "total_effect.png")
-    _save_figure(fig, paths[-1])
+    mio.save_figure(fig, paths[-1])
     plt.close(fig)
   return paths
 
@@ -756,6 +750,6 @@ def save_evidence(
   if extra:
     data["context"] = extra
   json_path = directory / "fact_lookup.json"
-  atomic_write_json(json_path, data)
+  mio.write_json(json_path, data)
   plots = plot_evidence(result, directory, title)
   return {"json": json_path, **{p.stem: p for p in plots}}

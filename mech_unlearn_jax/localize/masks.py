@@ -45,13 +45,15 @@ import io
 import json
 import os
 import pathlib
-import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import io as mio
 from mech_unlearn_jax.models.config import TransformerConfig
 from mech_unlearn_jax.models.transformer import CausalLM, parameter_shapes, parameters_by_label
 from mech_unlearn_jax.train import trainables as trainables_lib
@@ -398,24 +400,6 @@ def mask_to_named(
   return out
 
 
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to `path` via a temp file in the same folder and a rename."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    # mkstemp creates the file 0600; give it the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def relayout_mask(mask: ParamMask, source: Layout, target: Layout) -> ParamMask:
@@ -462,7 +446,7 @@ def save_mask(
   arrays["__metadata__"] = np.asarray(json.dumps(meta, sort_keys=True))
   buf = io.BytesIO()
   np.savez_compressed(buf, **arrays)
-  atomic_write_bytes(pathlib.Path(path), buf.getvalue())
+  mio.write_bytes(path, buf.getvalue())
 
 
 def load_mask(
@@ -487,10 +471,17 @@ def load_mask(
         mask[label] = bool(arr) if arr.ndim == 0 else arr.astype(bool)
         stored[label] = axes[i]
       meta = json.loads(str(data["__metadata__"]))
-  except (OSError, KeyError, ValueError) as e:
+  except FileNotFoundError:
+    raise
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     if isinstance(e, MaskError):
       raise
-    raise MaskError(f"{path}: cannot read parameter mask ({e})") from e
+    # A killed writer never leaves half a mask (writes are atomic), but a copy or a
+    # full disk can: say which file and how to get a good one back.
+    raise MaskError(
+        f"{path}: cannot read parameter mask ({type(e).__name__}: {e}); it is damaged or"
+        " truncated: remove it and rerun to recompute it"
+    ) from None
   if config is not None:
     shapes = _named_shapes(config)
     for label, value in mask.items():
