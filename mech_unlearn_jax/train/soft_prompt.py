@@ -46,8 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax.train import trainables as trainables_lib
 from mech_unlearn_jax.models import forward
-from mech_unlearn_jax.models.transformer import CausalLM, TokenEmbeddingLookup
+from mech_unlearn_jax.models.transformer import CausalLM
 
 SOFT_PROMPT = "soft_prompt"
 ADAPTER_KEYS = "adapter_keys"
@@ -90,37 +91,9 @@ def _check_max_norm(max_norm: float) -> float:
 # Frozen base models (unbound model + frozen values, passed to the step as inputs).
 
 
-def _unbind(model: CausalLM) -> tuple[Any, dict[str, pz.nx.NamedArray]]:
-  unbound, values = pz.unbind_params(model, freeze=True)
-  # The row-gather lookup (no per-call copy of the table) for models built elsewhere.
-  unbound = (
-      pz.select(unbound)
-      .at_instances_of(pz.nn.EmbeddingLookup)
-      .apply(lambda layer: TokenEmbeddingLookup(table=layer.table))
-  )
-  return unbound, {v.label: v.value for v in values}
-
-
-def _cast_floating(tree: Any, dtype) -> Any:
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
-  )
-
-
 def _bind_frozen(unbound: Any, values: Mapping[str, pz.nx.NamedArray], compute_dtype: str) -> CausalLM:
   """The frozen base model, with weights and constants cast to `compute_dtype`."""
-  bound_values = [pz.ParameterValue(label=k, value=v) for k, v in values.items()]
-  if compute_dtype != "float32":
-    dtype = jnp.dtype(compute_dtype)
-    # Model constants too, or float32 constants would promote activations back.
-    bound_values = _cast_floating(bound_values, dtype)
-    unbound = _cast_floating(unbound, dtype)
-  return pz.bind_variables(unbound, bound_values)
-
-
-def _concrete(unbound: Any, values: Mapping[str, pz.nx.NamedArray]) -> CausalLM:
-  """A model with ordinary `pz.Parameter`s (as loaders make), for evaluation."""
-  return pz.bind_variables(unbound, [pz.Parameter(value=v, label=k) for k, v in values.items()])
+  return trainables_lib.bind_values(unbound, values, (), {}, compute_dtype)
 
 
 # ----------------------------------------------------------------------------------
@@ -211,7 +184,7 @@ class SoftPromptTrainable:
 
   def merge(self, params: Mapping[str, jax.Array]) -> SoftPromptLM:
     """A concrete `SoftPromptLM` (frozen base weights as ordinary parameters)."""
-    base = _concrete(self.unbound, self.frozen_values)
+    base = trainables_lib.concrete_model(self.unbound, self.frozen_values)
     return with_soft_prompt(base, jnp.asarray(params[SOFT_PROMPT], jnp.float32))
 
   def spec(self) -> dict[str, Any]:
@@ -237,7 +210,7 @@ def soft_prompt_trainable(
   vocab = model.config.vocab_size
   ids = np.random.default_rng(seed).choice(vocab, size=int(num_vectors), replace=num_vectors > vocab)
   init = clip_norms(embed_tokens(model, ids).astype(jnp.float32), max_norm)
-  unbound, values = _unbind(model)
+  unbound, values = trainables_lib.unbind_frozen(model)
   trainable = SoftPromptTrainable(
       unbound=unbound, frozen_values=values, num_vectors=int(num_vectors), max_norm=max_norm,
       seed=int(seed),
@@ -310,7 +283,7 @@ class EmbeddingAdapterTrainable:
 
   def merge(self, params: Mapping[str, jax.Array]) -> CausalLM:
     """A concrete model with the adapter (frozen base weights as ordinary parameters)."""
-    base = _concrete(self.unbound, self.frozen_values)
+    base = trainables_lib.concrete_model(self.unbound, self.frozen_values)
     return with_embedding_adapter(
         base, jnp.asarray(params[ADAPTER_KEYS], jnp.float32), jnp.asarray(params[ADAPTER_VALUES], jnp.float32)
     )
@@ -338,7 +311,7 @@ def embedding_adapter_trainable(
   dim = model.config.embedding_dim
   keys = jax.random.normal(jax.random.key(seed), (int(num_keys), dim), jnp.float32)
   keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True) * min(1.0, max_norm)
-  unbound, values = _unbind(model)
+  unbound, values = trainables_lib.unbind_frozen(model)
   trainable = EmbeddingAdapterTrainable(
       unbound=unbound, frozen_values=values, num_keys=int(num_keys), max_norm=max_norm,
       seed=int(seed),

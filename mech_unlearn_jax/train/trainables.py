@@ -189,7 +189,7 @@ def validate_mask(mask: Mapping[str, Any], layout: Layout) -> dict[str, np.ndarr
 # Shared machinery: an unbound model plus frozen values plus positional params.
 
 
-def _unbind(model: CausalLM) -> tuple[Any, dict[str, pz.nx.NamedArray]]:
+def unbind_frozen(model: CausalLM) -> tuple[Any, dict[str, pz.nx.NamedArray]]:
   """(unbound model with parameter slots, label -> named value)."""
   unbound, values = pz.unbind_params(model, freeze=True)
   # The row-gather lookup (no per-call copy of the table); models built elsewhere
@@ -202,13 +202,13 @@ def _unbind(model: CausalLM) -> tuple[Any, dict[str, pz.nx.NamedArray]]:
   return unbound, {v.label: v.value for v in values}
 
 
-def _cast_floating(tree: Any, dtype) -> Any:
+def cast_floating(tree: Any, dtype) -> Any:
   return jax.tree.map(
       lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
   )
 
 
-def _bind(
+def bind_values(
     unbound: Any,
     frozen_values: Mapping[str, pz.nx.NamedArray],
     param_axes: Sequence[tuple[str, tuple[str, ...]]],
@@ -222,14 +222,14 @@ def _bind(
   ]
   if compute_dtype != "float32":
     dtype = jnp.dtype(compute_dtype)
-    values = _cast_floating(values, dtype)
+    values = cast_floating(values, dtype)
     # Model constants (embedding scale, mask values) are cast too, or float32
     # constants would promote every activation back to float32.
-    unbound = _cast_floating(unbound, dtype)
+    unbound = cast_floating(unbound, dtype)
   return pz.bind_variables(unbound, values)
 
 
-def _concrete(unbound: Any, values: Mapping[str, pz.nx.NamedArray]) -> CausalLM:
+def concrete_model(unbound: Any, values: Mapping[str, pz.nx.NamedArray]) -> CausalLM:
   """A model with mutable `pz.Parameter`s, as loaders and `build_transformer` make."""
   return pz.bind_variables(unbound, [pz.Parameter(value=v, label=k) for k, v in values.items()])
 
@@ -258,7 +258,7 @@ class MaskTrainable:
 
   def bind(self, params: Mapping[str, jax.Array], compute_dtype: str = "float32") -> CausalLM:
     """The model with `params` (label -> positional array) filled in."""
-    return _bind(self.unbound, self.frozen_values, self.param_axes, params, compute_dtype)
+    return bind_values(self.unbound, self.frozen_values, self.param_axes, params, compute_dtype)
 
   def project(self, params: Any) -> Any:
     """No constraint: the identity."""
@@ -269,7 +269,7 @@ class MaskTrainable:
     values = dict(self.frozen_values)
     for label, axes in self.param_axes:
       values[label] = pz.nx.wrap(jnp.asarray(params[label])).tag(*axes)
-    return _concrete(self.unbound, values)
+    return concrete_model(self.unbound, values)
 
   def spec(self) -> dict[str, Any]:
     """JSON description recorded with checkpoints (the labels are in the params)."""
@@ -291,7 +291,7 @@ def mask_trainable(
   trained = [label for label, m in masks.items() if m.any()]
   if not trained:
     raise MaskError("parameter mask selects no parameter: nothing to train")
-  unbound, values = _unbind(model)
+  unbound, values = unbind_frozen(model)
   axes = {label: tuple(values[label].named_shape) for label in trained}
   params = {label: values[label].unwrap(*axes[label]) for label in trained}
   trainable = MaskTrainable(
@@ -379,7 +379,7 @@ class LoraTrainable:
 
   def bind(self, params: Mapping[str, jax.Array], compute_dtype: str = "float32") -> CausalLM:
     """The adapted model (base weights frozen, A and B from `params`)."""
-    return _bind(self.unbound, self.frozen_values, self.param_axes, params, compute_dtype)
+    return bind_values(self.unbound, self.frozen_values, self.param_axes, params, compute_dtype)
 
   def project(self, params: Any) -> Any:
     """No constraint: the identity."""
@@ -401,7 +401,7 @@ class LoraTrainable:
       delta = pz.nn.contract(LOWRANK_AXIS, a, b) * info.scale
       merged = (base.astype(jnp.float32) + delta).astype(base.dtype)
       values[info.label] = merged.order_as(*base.named_shape)
-    return _concrete(self.base_unbound, values)
+    return concrete_model(self.base_unbound, values)
 
   def spec(self) -> dict[str, Any]:
     """JSON description recorded with checkpoints."""
@@ -464,7 +464,7 @@ def lora_trainable(
   if not alpha > 0:
     raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
   targets = _normalize_targets(targets)
-  unbound, values = _unbind(model)
+  unbound, values = unbind_frozen(model)
   base_unbound = unbound
   key = jax.random.key(seed)
   params: dict[str, jax.Array] = {}
