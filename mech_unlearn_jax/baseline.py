@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 
 from mech_unlearn_jax import io
 from mech_unlearn_jax.data import facts as facts_lib

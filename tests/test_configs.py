@@ -1,6 +1,5 @@
 """Every config file loads into the one schema; the schema and configs/common.py agree."""
 
-import dataclasses
 import importlib
 import pathlib
 import subprocess
@@ -10,7 +9,6 @@ import pytest
 
 from configs import common
 from mech_unlearn_jax import experiment
-from mech_unlearn_jax.experiment import schema
 from mech_unlearn_jax.localize.select import METHODS
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"

@@ -1,7 +1,6 @@
 """The main job end to end on a tiny random model (real tokenizer and prompts)."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Probes, fact-lookup patching and rule, and `launch.localize`'s path on a tiny model."""
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp

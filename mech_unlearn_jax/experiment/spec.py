@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.data.tasks import DataConfig

@@ -62,7 +62,6 @@ from penzai import pz
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import io as mio
 from mech_unlearn_jax.batch import FactBatch
-from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.localize import probes as probes_lib
 from mech_unlearn_jax.models import forward
 from mech_unlearn_jax.models.transformer import CausalLM
