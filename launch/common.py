@@ -24,6 +24,9 @@ def setup() -> None:
     logging.set_verbosity(logging.WARNING)
     for name in ("orbax", "absl", "jax"):
       std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
+
+  compile_cache.enable()
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("devices: %s", jax.devices())
@@ -45,5 +48,6 @@ def guarded(fn):
   except KeyboardInterrupt:
     print("interrupted; rerun the same command to resume", file=sys.stderr)
     sys.exit(130)
-  except (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError) as e:
+  except (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError,
+          ArithmeticError) as e:  # ArithmeticError: the trainer's NonFiniteError
     fail(e)
