@@ -1,0 +1,99 @@
+"""The reproduction study: settings x methods x seeds (see `mech_unlearn_jax/study.py`).
+
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study --results_dir=docs/results
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study \
+      --only_settings=sports_random16 --only_seeds=0 --max_cells=3
+  python -m launch.study --config=configs/study_sports.py:tiny --workdir=/tmp/study
+
+Rerunning the same command resumes: finished cells are skipped, a killed cell resumes
+from its stages and checkpoints. `--commit_results` commits the results folder (and
+only it) after every finished cell, so an interrupted study's results are kept.
+"""
+
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/study_sports.py", "Study config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Cells' runs and shared stage outputs.", required=True)
+flags.DEFINE_string("results_dir", "", "study.csv, study.md, figures, cell summaries (default: WORKDIR/results).")
+flags.DEFINE_list("only_settings", [], "Run only these settings.")
+flags.DEFINE_list("only_methods", [], "Run only these methods.")
+flags.DEFINE_list("only_seeds", [], "Run only these seeds.")
+flags.DEFINE_integer("max_cells", 0, "Stop after running this many cells (0: all).")
+flags.DEFINE_bool("keep_going", False, "Record a failing cell and continue with the next.")
+flags.DEFINE_bool("commit_results", False, "git-commit --results_dir after every finished cell.")
+
+
+def commit_results(path: str, message: str, attempts: int = 10) -> None:
+  """`git add` + `git commit` of `path` only (retries while another commit holds the index)."""
+  for attempt in range(attempts):
+    out = subprocess.run(["git", "add", "--", path], capture_output=True, text=True)
+    if out.returncode == 0:
+      out = subprocess.run(["git", "commit", "-q", "-m", message, "--", path], capture_output=True, text=True)
+      if out.returncode == 0:
+        return
+    text = out.stdout + out.stderr
+    if "index.lock" in text and attempt < attempts - 1:
+      time.sleep(3)
+      continue
+    # "Nothing to commit" is not an error; anything else is reported, never fatal.
+    if "nothing to commit" not in text and "no changes added" not in text:
+      print(f"study: git commit of {path} failed: {text.strip()}", file=sys.stderr)
+    return
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  common.setup()
+  from mech_unlearn_jax import study  # pylint: disable=g-import-not-at-top
+
+  def job():
+    config = study.StudyConfig.from_dict(FLAGS.config.to_dict())
+    try:
+      seeds = [int(s) for s in FLAGS.only_seeds]
+    except ValueError:
+      raise ValueError(f"--only_seeds must be integers, got {FLAGS.only_seeds}") from None
+    results_dir = FLAGS.results_dir or f"{FLAGS.workdir}/results"
+
+    def on_cell_done(outcome, data):
+      print(
+        f"study: {outcome.cell.label} finished in {outcome.seconds:.0f} s ({len(data.summaries)} cells done)",
+        file=sys.stderr,
+        flush=True,
+      )
+      if FLAGS.commit_results:
+        commit_results(results_dir, f"Study results: {outcome.cell.label} ({outcome.seconds:.0f} s)")
+
+    outcomes = study.run_study(
+      config,
+      FLAGS.workdir,
+      results_dir,
+      only_settings=FLAGS.only_settings,
+      only_methods=FLAGS.only_methods,
+      only_seeds=seeds,
+      max_cells=FLAGS.max_cells,
+      keep_going=FLAGS.keep_going,
+      on_cell_done=on_cell_done,
+    )
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "skipped", "failed")}
+    print(
+      f"study: {counts['ran']} cells ran, {counts['skipped']} were finished before, {counts['failed']} failed;"
+      f" see {results_dir}/study.md"
+    )
+    if counts["failed"]:
+      sys.exit(1)
+
+  common.guarded(job)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,316 @@
+"""The reproduction study: config, intervals, claims, and a tiny study end to end."""
+
+import csv
+import math
+
+import pytest
+
+from configs import study_sports
+from mech_unlearn_jax import io, study
+from mech_unlearn_jax.experiment import ConfigError
+from mech_unlearn_jax.experiment import run as run_lib
+from mech_unlearn_jax.localize.select import METHODS
+from tests.conftest import REFERENCE_DATA
+
+
+def test_t_interval_on_constructed_numbers():
+  iv = study.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+  # mean 3, sd sqrt(2.5), t_{0.975, 4} = 2.7764451
+  half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)
+  assert iv.n == 5 and iv.mean == pytest.approx(3.0)
+  assert iv.lo == pytest.approx(3.0 - half, abs=1e-6) and iv.hi == pytest.approx(3.0 + half, abs=1e-6)
+  two = study.t_interval([0.0, 1.0])  # t_{0.975, 1} = 12.7062047
+  assert two.hi - two.mean == pytest.approx(12.7062047 * math.sqrt(0.5) / math.sqrt(2), abs=1e-5)
+  narrower = study.t_interval([1.0, 2.0, 3.0, 4.0, 5.0], confidence=0.5)
+  assert narrower.hi - narrower.mean < half
+  one = study.t_interval([0.25])
+  assert (one.n, one.mean, one.lo, one.hi) == (1, 0.25, None, None)
+  with pytest.raises(ValueError):
+    study.t_interval([])
+
+
+def test_real_study_config_has_every_setting_method_and_seed():
+  config = study.StudyConfig.from_dict(study_sports.get_config().to_dict())
+  assert [s.name for s in config.settings] == ["sports_random16", "sports_basketball", "counterfact_random16"]
+  assert [(s.task, s.split) for s in config.settings] == [
+    ("sports", "random_16"),
+    ("sports", "basketball"),
+    ("counterfact", "random_16"),
+  ]
+  assert config.methods == tuple(METHODS) and "late_mlps" in config.methods
+  assert len(config.seeds) >= 3
+  cells = config.cells()
+  assert len(cells) == 3 * len(METHODS) * len(config.seeds)
+  # Run order: a setting's seed 0 finishes every method before seed 1 starts.
+  assert [c.method for c in cells[: len(METHODS)]] == list(METHODS) and {c.seed for c in cells[: len(METHODS)]} == {0}
+  cf = config.cell_spec(study.Cell("counterfact_random16", "ap", 3))
+  assert (cf.seed, cf.data.task, cf.data.split, cf.localize.method) == (3, "counterfact", "random_16", "ap")
+  assert cf.eval.formats == ("standard", "paraphrase", "neighborhood", "mc")
+  assert cf.edit.seed == 3  # the one seed reaches the nested configs
+  # Shared outputs: one knowledge filter per model and data, evidence per setting and seed.
+  a = study.shared_outputs(
+    config.cell_spec(study.Cell("sports_random16", "ap", 0)), "sports_random16", run_lib.pathlib.Path("w")
+  )
+  b = study.shared_outputs(
+    config.cell_spec(study.Cell("sports_basketball", "ct", 1)), "sports_basketball", run_lib.pathlib.Path("w")
+  )
+  c = study.shared_outputs(
+    config.cell_spec(study.Cell("sports_random16", "random", 0)), "sports_random16", run_lib.pathlib.Path("w")
+  )
+  assert a.knowledge == b.knowledge and a.evidence_dir != b.evidence_dir
+  assert a == c  # every method of a (setting, seed) shares them
+  assert config.cells(only_settings=["sports_basketball"], only_seeds=[1], only_methods=["ct"]) == [
+    study.Cell("sports_basketball", "ct", 1)
+  ]
+  with pytest.raises(ValueError, match="only_methods"):
+    config.cells(only_methods=["nope"])
+
+
+def test_bad_setting_override_names_setting_and_key():
+  values = study_sports.get_config("tiny").to_dict()
+  values["settings"]["sports_random16"]["overrides"] = {"edit": {"lrr": 1.0}}
+  with pytest.raises(ConfigError, match=r"setting 'sports_random16'.*config\.edit\.lrr"):
+    study.StudyConfig.from_dict(values)
+  values = study_sports.get_config("tiny").to_dict()
+  values["methods"] = ("fact_lookup", "magic")
+  with pytest.raises(ConfigError, match="magic"):
+    study.StudyConfig.from_dict(values)
+
+
+def _summary(setting, method, seed, metrics, unedited, valid=("standard", "qa")):
+  validity = {
+    f: {"format": f, "n": 10, "argmax_accuracy": 0.9, "interval95": [0.6, 1.0], "chance": 0.25, "valid": f in valid}
+    for f in ("standard", "qa", "mc")
+  }
+  return {
+    "setting": setting,
+    "method": method,
+    "seed": seed,
+    "mask_name": method,
+    "flu_layers": [1],
+    "trained_parameters": 100,
+    "cell_seconds": 10.0,
+    "attempt_seconds": [10.0],
+    "split": {},
+    "format_validity": validity,
+    "metrics": dict(metrics, cell_seconds=10.0),
+    "unedited_metrics": unedited,
+    "spec": {"model": "fake", "eval": {"formats": ["standard", "qa", "mc"]}},
+  }
+
+
+def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
+  config = study.StudyConfig(
+    settings=(study.StudySetting("facts", "sports", "random_16"), study.StudySetting("whole", "sports", "basketball")),
+    methods=("fact_lookup", "ap", "random"),
+    seeds=(0, 1, 2),
+  )
+  unedited = {"forget_qa": 0.9, "forget_mc": 0.3, "relearn_lora_forget_step0": 0.9}
+  for seed in config.seeds:
+    for method, qa, mc in (
+      ("fact_lookup", 0.1 + 0.01 * seed, 0.9),
+      ("ap", 0.6 + 0.02 * seed, 0.1),
+      ("random", 0.8, 0.5),
+    ):
+      m = {
+        "forget_qa": qa,
+        "forget_mc": mc,
+        "relearn_lora_forget_step0": 0.1,
+        "relearn_lora_forget_step20": 0.8 + 0.01 * seed,
+        "trained_parameters": 100,
+        "retain_kl": 0.01 * (1 + seed),
+      }
+      io.write_json(
+        tmp_path / "cells" / f"facts__{method}__seed{seed}.json", _summary("facts", method, seed, m, unedited)
+      )
+      if seed < 2:  # the whole-sport setting has one seed fewer
+        io.write_json(
+          tmp_path / "cells" / f"whole__{method}__seed{seed}.json", _summary("whole", method, seed, m, unedited)
+        )
+  data = study.write_outputs(config, tmp_path)
+  rows = list(csv.DictReader(open(tmp_path / "study.csv")))
+  assert list(rows[0]) == list(study.CSV_COLUMNS)
+  assert {(r["setting"], r["method"]) for r in rows} >= {
+    ("facts", "unedited"),
+    ("facts", "fact_lookup"),
+    ("whole", "ap"),
+  }
+  assert len({(r["setting"], r["method"], r["seed"], r["metric"]) for r in rows}) == len(rows)
+  iv = data.interval("facts", "ap", "forget_qa")
+  assert iv.n == 3 and iv.mean == pytest.approx(0.62)
+  by_claim = {(c["setting"], c["claim"].split(" (")[0]): c for c in study.claims(data)}
+  # qa (valid): fact lookup is lower than ap in every seed -> holds; mc is not counted (invalid).
+  formats = by_claim[("facts", "fact-lookup edits generalize to other prompt formats")]
+  assert formats["verdict"].startswith("holds"), formats
+  assert any("mc" in d and "not counted" in d for d in formats["details"])
+  # Relearning: identical curves -> the paired difference is 0 with no spread: not resolved.
+  relearn = by_claim[("facts", "fact-lookup edits resist relearning")]
+  assert relearn["verdict"].startswith("not resolved"), relearn
+  whole = by_claim[("whole", "whole-sport edits are relearned by every method")]
+  assert whole["verdict"].startswith("holds"), whole  # recovery ~ 0.88 > 0.5 for every method
+  text = (tmp_path / "study.md").read_text()
+  assert "## facts (sports, split random_16)" in text and "forget_mc ✗" in text and "forget_qa |" in text
+  assert "0.620 [" in text  # ap's forget_qa mean with its interval
+  for name in ("facts_relearning.png", "whole_relearning.png", "facts_formats_vs_side_effects.png"):
+    assert (tmp_path / "figures" / name).is_file(), name
+
+  # Fact lookup worse than ap on a valid format -> does not hold.
+  for seed in config.seeds:
+    path = tmp_path / "cells" / f"facts__fact_lookup__seed{seed}.json"
+    s = io.read_json(path)
+    s["metrics"]["forget_qa"] = 0.95 - 0.01 * seed
+    io.write_json(path, s)
+  data = study.collect(config, tmp_path)
+  by_claim = {(c["setting"], c["claim"].split(" (")[0]): c for c in study.claims(data)}
+  assert by_claim[("facts", "fact-lookup edits generalize to other prompt formats")]["verdict"].startswith(
+    "does not hold"
+  )
+
+
+def _cell(fmt, answer, p, argmax=1.0, p_full=0.01, facts="forget_heldout"):
+  return {
+    "format": fmt,
+    "facts": facts,
+    "answer": answer,
+    "n": 2,
+    "prob_normalized": p,
+    "prob_full": p_full,
+    "argmax_candidates": argmax,
+    "argmax_full": 0.0,
+    "chance": 0.25,
+  }
+
+
+def test_robustness_metric_names_and_measures():
+  """Relearning curves, soft prompts and side effects -> metric names (the tiny study
+  runs without the attacks to stay fast)."""
+  curve = {
+    str(step): {
+      "cells": [_cell("standard", "correct", 0.1 * step), _cell("standard", "edit", 0.5), _cell("qa", "correct", 0.2)]
+    }
+    for step in (0, 10, 20)
+  }
+  robust = {
+    "relearn_lora": {"curve": curve},
+    "relearn_full": {"curve": curve},
+    "softprompt_prefix": {
+      "summary": {"prob_normalized_mean": 0.4, "argmax_candidates_mean": 0.5},
+      "before_eval": {"prob_normalized": 0.2, "prob_full": 0.01},
+      "runs": [{"eval": {"prob_full": 0.1}}, {"eval": {"prob_full": 0.3}}],
+    },
+    "trivia": {"prob_normalized": 0.6, "accuracy": 0.7},
+  }
+  sports = study.robustness_metrics(robust, "sports")
+  for name in (
+    "relearn_lora_forget_step10",
+    "relearn_lora_forget_step20",
+    "relearn_full_forget_step20",
+    "relearn_lora_forget_step20_argmax",
+    "relearn_lora_edit_step0",
+    "relearn_full_forget_qa_step10",
+  ):
+    assert name in sports, name
+  assert sports["relearn_lora_forget_step20"] == pytest.approx(2.0)
+  assert sports["softprompt_prefix_forget"] == 0.4 and sports["softprompt_prefix_forget_argmax"] == 0.5
+  assert sports["trivia_accuracy"] == 0.6 and sports["trivia_accuracy_argmax"] == 0.7
+  # CounterFact: full-vocabulary p of the first target token.
+  cf = study.robustness_metrics(robust, "counterfact")
+  assert cf["softprompt_prefix_forget"] == pytest.approx(0.2) and "softprompt_prefix_forget_argmax" not in cf
+  assert cf["relearn_lora_forget_step20"] == pytest.approx(0.01)
+  assert study._measure("counterfact", "paraphrase") == ("prob_full", "argmax_full")
+  assert study._measure("counterfact", "mc") == ("prob_normalized", "argmax_candidates")
+
+
+def _tiny_config():
+  values = study_sports.get_config("tiny").to_dict()
+  values["settings"] = {"sports_random16": values["settings"]["sports_random16"]}
+  values["setting_order"] = ("sports_random16",)
+  values["seeds"] = (0,)
+  base = values["base"]
+  base["eval"]["formats"] = ("standard", "qa")  # fewer prompt shapes to compile
+  base["edit"]["lr"] = 3e-2
+  r = base["robustness"]
+  # The attacks compile per attacked model and dominate a tiny cell's time; their
+  # metric names are covered by test_robustness_metric_names_and_measures.
+  r["soft_prompt"] = False
+  r["relearn"] = False
+  r["trivia_path"] = str(REFERENCE_DATA / "side_effect_sport_answers.json")
+  if not (REFERENCE_DATA / "side_effect_sport_answers.json").is_file():
+    r["trivia"] = False
+  return study.StudyConfig.from_dict(values)
+
+
+def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkeypatch):
+  config = _tiny_config()
+  out = tmp_path / "results"
+  # The first cell is killed in its robustness stages; the rerun resumes it.
+  real = run_lib.robustness_for_run
+  calls = {"n": 0}
+
+  def killed_once(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 1:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(run_lib, "robustness_for_run", killed_once)
+  with pytest.raises(KeyboardInterrupt):
+    study.run_study(config, tmp_path / "work", out)
+  first_dir = tmp_path / "work" / "cells" / "sports_random16" / "fact_lookup" / "seed0"
+  assert (first_dir / "evaluation" / "edited.json").is_file()  # the edit had finished
+  outcomes = study.run_study(config, tmp_path / "work", out, max_cells=1)
+  assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "ran")]  # stopped by max_cells
+  assert len(io.read_json(first_dir / "study_timing.json")["attempts"]) == 2
+  outcomes = study.run_study(config, tmp_path / "work", out)
+  assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "skipped"), ("random_mlps", "ran")]
+
+  rows = list(csv.DictReader(open(out / "study.csv")))
+  assert list(rows[0]) == list(study.CSV_COLUMNS)
+  names = {(r["method"], r["metric"]) for r in rows}
+  expected = [
+    "forget_standard",
+    "edit_standard",
+    "maintain_standard",
+    "forget_qa",
+    "edit_qa",
+    "forget_qa_argmax",
+    "probe_true_mean",
+    "probe_edit_mean",
+    "probe_true_layer00",
+    "retain_kl",
+    "trained_parameters",
+    "cell_seconds",
+  ] + (["trivia_accuracy", "trivia_accuracy_argmax"] if config.base["robustness"]["trivia"] else [])
+  for method in ("fact_lookup", "random_mlps"):
+    missing = [m for m in expected if (method, m) not in names]
+    assert not missing, (method, missing)
+  assert ("unedited", "forget_standard") in names and ("unedited", "cell_seconds") not in names
+  summary = io.read_json(out / "cells" / "sports_random16__fact_lookup__seed0.json")
+  assert summary["cell_seconds"] == pytest.approx(sum(summary["attempt_seconds"]))
+  assert summary["metrics"]["trained_parameters"] == summary["trained_parameters"] > 0
+  # The unedited control, knowledge and evidence were computed once and shared.
+  shared = list((tmp_path / "work" / "shared").glob("sports_random16-*/seed0/unedited/evaluation/unedited.json"))
+  assert len(shared) == 1
+  assert not (first_dir / "evaluation" / "unedited.json").exists()
+  assert len(list((tmp_path / "work" / "shared" / "knowledge").glob("*.json"))) == 1
+  text = (out / "study.md").read_text()
+  assert "## sports_random16" in text and "| random_mlps |" in text and "## Claims of the paper" in text
+  assert (out / "figures" / "sports_random16_probes.png").is_file()
+
+  # A rerun never reruns a finished cell.
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished cell was rerun")
+
+  monkeypatch.setattr(run_lib, "run_experiment", refuse)
+  outcomes = study.run_study(config, tmp_path / "work", out)
+  assert {o.status for o in outcomes} == {"skipped"}
+  # ... and a changed config is refused instead of mixed into the tables.
+  changed = _tiny_config()
+  changed = study.StudyConfig(
+    settings=changed.settings,
+    methods=changed.methods,
+    seeds=changed.seeds,
+    base=dict(changed.base, edit=dict(changed.base["edit"], steps=4)),
+  )
+  with pytest.raises(ValueError, match=r"another config.*edit\.steps: 3 -> 4"):
+    study.run_study(changed, tmp_path / "work", out)
