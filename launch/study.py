@@ -4,12 +4,14 @@
   python -m launch.study --config=configs/study_sports.py --workdir=runs/study \
       --only_settings=sports_random16 --only_seeds=0 --max_cells=3
   python -m launch.study --config=configs/study_sports.py:tiny --workdir=/tmp/study
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study --results_dir=docs/results --report_only
 
 Rerunning the same command resumes: finished cells are skipped, a killed cell resumes
 from its stages and checkpoints. `--commit_results` commits the results folder (and
 only it) after every finished cell, so an interrupted study's results are kept.
 """
 
+import pathlib
 import subprocess
 import sys
 import time
@@ -29,6 +31,7 @@ flags.DEFINE_list("only_seeds", [], "Run only these seeds.")
 flags.DEFINE_integer("max_cells", 0, "Stop after running this many cells (0: all).")
 flags.DEFINE_bool("keep_going", False, "Record a failing cell and continue with the next.")
 flags.DEFINE_bool("commit_results", False, "git-commit --results_dir after every finished cell.")
+flags.DEFINE_bool("report_only", False, "Only rebuild study.csv/md and the figures from the finished cells' summaries.")
 
 
 def commit_results(path: str, message: str, attempts: int = 10) -> None:
@@ -62,6 +65,10 @@ def main(argv):
     except ValueError:
       raise ValueError(f"--only_seeds must be integers, got {FLAGS.only_seeds}") from None
     results_dir = FLAGS.results_dir or f"{FLAGS.workdir}/results"
+    if FLAGS.report_only:
+      data = study.write_outputs(config, pathlib.Path(results_dir))
+      print(f"study: report of {len(data.summaries)} finished cells in {results_dir}/study.md")
+      return
 
     def on_cell_done(outcome, data):
       print(
