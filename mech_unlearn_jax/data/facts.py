@@ -168,8 +168,19 @@ def _load_columns(source: str | os.PathLike, *, split: str = "train") -> tuple[d
       kwargs["keep_default_na"] = False
       if path.suffix.lower() == ".tsv":
         kwargs["sep"] = "\t"
-    dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    if path.stat().st_size == 0:
+      raise FactsDataError(f"{path}: empty file; expected a {builder} table with a header row and data rows")
+    try:
+      dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as error:  # datasets wraps parser errors in assorted types
+      # The parser's own message (pandas, pyarrow) is on the cause; the wrapper's is generic.
+      cause = error.__cause__ or error
+      if "corresponds to no data" in str(cause):
+        raise FactsDataError(f"{path}: no data rows (only a header?)") from None
+      raise FactsDataError(f"{path}: cannot be read as a {builder} table ({type(cause).__name__}: {cause})") from None
     label = str(path)
+    if dataset.num_rows == 0:
+      raise FactsDataError(f"{path}: no data rows (only a header?)")
   elif looks_local:
     raise FileNotFoundError(f"fact table not found: {path}")
   else:
@@ -206,6 +217,31 @@ def _sport_value(value: Any, allowed: Sequence[str], label: str, column: str, ro
         f"{label}: column {column!r}, row {row}: unknown sport {sport!r}; expected one of {list(allowed)}"
     )
   return sport
+
+
+def _integer_column(values: Sequence[Any], label: str, column: str) -> list[int]:
+  """A column of integer ids; a missing, fractional or non-numeric cell names its row."""
+  out = []
+  for row, value in enumerate(values):
+    if isinstance(value, bool) or _is_missing(value):
+      raise FactsDataError(f"{label}: column {column!r}, row {row}: expected an integer, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+      out.append(int(value))
+      continue
+    text = str(value).strip()
+    try:
+      out.append(int(text))
+      continue
+    except ValueError:
+      pass
+    try:
+      number = float(text)  # "12.0" from a float column
+    except ValueError:
+      number = None
+    if number is None or not number.is_integer():
+      raise FactsDataError(f"{label}: column {column!r}, row {row}: expected an integer, got {value!r}")
+    out.append(int(number))
+  return out
 
 
 def _check_duplicates(
@@ -341,7 +377,7 @@ def load_counterfact_mc(path: str | os.PathLike) -> dict[int, CounterFactMC]:
   targets_false (3 distractors), prompt_id). A repeated prompt_id is an error."""
   columns, label = _load_columns(path)
   _require_columns(columns, ("question", "target_true", "targets_false", "prompt_id"), label)
-  prompt_ids = [int(v) for v in columns["prompt_id"]]
+  prompt_ids = _integer_column(columns["prompt_id"], label, "prompt_id")
   _check_duplicates(prompt_ids, label, "prompt_id", "error")
   questions: dict[int, CounterFactMC] = {}
   for row, prompt_id in enumerate(prompt_ids):
@@ -419,7 +455,7 @@ def load_counterfact(
       ("prompt", "subject", "target_true", "target_false", "paraphrase_prompts", "neighborhood_prompts", "prompt_id"),
       label,
   )
-  prompt_ids = [int(v) for v in columns["prompt_id"]]
+  prompt_ids = _integer_column(columns["prompt_id"], label, "prompt_id")
   mc = None if mc_path is None else load_counterfact_mc(mc_path)
   return _counterfact_records(columns, label, prompt_ids, True, mc)
 
@@ -436,7 +472,7 @@ def load_counterfact_all(
   _require_columns(columns, ("prompt", "subject", "target_true", "target_false"), label)
   num_rows = len(columns["prompt"])
   if "prompt_id" in columns:
-    prompt_ids = [int(v) for v in columns["prompt_id"]]
+    prompt_ids = _integer_column(columns["prompt_id"], label, "prompt_id")
   else:
     prompt_ids = list(range(num_rows))
   mc = None if mc_path is None else load_counterfact_mc(mc_path)

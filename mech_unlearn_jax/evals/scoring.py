@@ -4,6 +4,10 @@
 candidate answer tokens; for CounterFact, the full-vocabulary probability of the first
 target token. `score_facts` returns both, plus argmax accuracies, per example, so a
 report can aggregate however it needs. Only the last position is unembedded.
+
+A row whose logits are not finite (a diverged edit) scores as wrong with p = 0: an
+argmax over NaNs returns index 0, which is the asked-for answer, so without this a
+broken model would look perfect.
 """
 
 from __future__ import annotations
@@ -65,19 +69,28 @@ def candidate_log_probs(last_logits_BxV: jax.Array, candidate_ids_BxC: jax.Array
   return logp, picked, normalized
 
 
+def scores_from_logits(last_logits_BxV: jax.Array, candidate_ids_BxC: jax.Array) -> dict[str, jax.Array]:
+  """Per-example scores of last-position logits (the fields of `FactScores` but p_full).
+
+  Rows with a non-finite log-softmax (NaN or +inf logits) count as wrong: every
+  probability 0, log-probability -inf, both argmax flags False.
+  """
+  logp, picked, normalized = candidate_log_probs(last_logits_BxV, candidate_ids_BxC)
+  finite_B = ~jnp.any(jnp.isnan(logp), axis=-1)
+  top_full = jnp.argmax(logp, axis=-1)
+  return {
+      "logprob_full": jnp.where(finite_B, picked[:, 0], -jnp.inf),
+      "prob_normalized": jnp.where(finite_B, jnp.exp(normalized[:, 0]), 0.0),
+      "correct_argmax_candidates": finite_B & (jnp.argmax(picked, axis=-1) == 0),
+      "correct_argmax_full": finite_B & (top_full == candidate_ids_BxC[:, 0]),
+      "candidate_probs": jnp.where(finite_B[:, None], jnp.exp(normalized), 0.0),
+  }
+
+
 @jax.jit
 def _score_chunk(unbound, params, tokens, positions, candidates):
   model = pz.bind_variables(unbound, params)
-  logits = forward.last_logits(model, tokens, positions)
-  logp, picked, normalized = candidate_log_probs(logits, candidates)
-  top_full = jnp.argmax(logp, axis=-1)
-  return {
-      "logprob_full": picked[:, 0],
-      "prob_normalized": jnp.exp(normalized[:, 0]),
-      "correct_argmax_candidates": jnp.argmax(picked, axis=-1) == 0,
-      "correct_argmax_full": top_full == candidates[:, 0],
-      "candidate_probs": jnp.exp(normalized),
-  }
+  return scores_from_logits(forward.last_logits(model, tokens, positions), candidates)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -138,7 +151,9 @@ def _next_token_terms(logits_BxLxV, tokens_BxL, positions_BxL):
   # A position predicts the next one only when both are real tokens.
   valid = (positions_BxL[:, :-1] >= 0) & (positions_BxL[:, 1:] >= 0)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  correct = jnp.argmax(logp, axis=-1) == targets
+  # A non-finite distribution predicts nothing (argmax over NaNs would say token 0).
+  finite = ~jnp.any(jnp.isnan(logp), axis=-1)
+  correct = finite & (jnp.argmax(logp, axis=-1) == targets)
   return logp, nll, correct, valid
 
 

@@ -143,8 +143,13 @@ def _formats(spec: Any, task: tasks_lib.Task) -> list[str]:
   problems = []
   unknown = [f for f in spec.eval.formats if f not in known]
   if unknown:
+    hint = ""
+    if any("," in f for f in unknown):
+      # config_flags reads "a,b" for a tuple field as the one string "a,b".
+      hint = " (on the command line, give a list as --config.eval.formats=\"('standard','qa')\")"
     problems.append(
-        f"config.eval.formats: unknown format(s) {unknown} for task {task.name!r}; expected some of {list(known)}"
+        f"config.eval.formats: unknown format(s) {unknown} for task {task.name!r}; expected some of"
+        f" {list(known)}{hint}"
     )
   repeated = sorted({f for f in spec.eval.formats if spec.eval.formats.count(f) > 1})
   if repeated:
