@@ -7,7 +7,9 @@
       --counterfact_mc=../shared/data/reference/counterfact_mc_questions.parquet
 """
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from launch import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where baseline.json and baseline.md go.", required=True)
@@ -20,20 +22,23 @@ flags.DEFINE_integer("max_eval_per_sport", 50, "Known athletes per sport evaluat
 
 
 def main(argv):
-  del argv
-  import jax  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  common.setup()
   from mech_unlearn_jax import baseline  # pylint: disable=g-import-not-at-top
   from mech_unlearn_jax.models import loaders  # pylint: disable=g-import-not-at-top
-  from mech_unlearn_jax.models.loaders import load_tokenizer  # pylint: disable=g-import-not-at-top
 
-  logging.info("devices: %s", jax.devices())
-  spec = baseline.BaselineSpec(
-      sports_sources=tuple(FLAGS.sports), counterfact_path=FLAGS.counterfact,
-      counterfact_mc_path=FLAGS.counterfact_mc, threshold=FLAGS.threshold,
-      max_eval_per_sport=FLAGS.max_eval_per_sport,
-  )
-  result = baseline.run_baseline(loaders.load_model(FLAGS.model), load_tokenizer(FLAGS.model), spec, FLAGS.workdir)
-  print(baseline.markdown(result))
+  def job():
+    spec = baseline.BaselineSpec(
+        sports_sources=tuple(FLAGS.sports), counterfact_path=FLAGS.counterfact,
+        counterfact_mc_path=FLAGS.counterfact_mc, threshold=FLAGS.threshold,
+        max_eval_per_sport=FLAGS.max_eval_per_sport,
+    )
+    model, tokenizer = loaders.load_model_and_tokenizer(FLAGS.model)
+    result = baseline.run_baseline(model, tokenizer, spec, FLAGS.workdir)
+    print(baseline.markdown(result))
+
+  common.guarded(job)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import math
 import os
 import pathlib
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -122,7 +123,7 @@ def read_npz(path: str | os.PathLike, what: str = "file") -> dict[str, np.ndarra
   try:
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
-  except (OSError, ValueError, EOFError) as e:
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(
         f"{path}: {what} cannot be read ({e}); it is damaged or truncated: remove it and"
         " rerun to recompute it"

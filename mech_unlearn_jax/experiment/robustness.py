@@ -193,7 +193,9 @@ def run_robustness(
   if config.probes:
     def probes():
       classes = task.answer_classes(facts)
-      label = lambda answers: np.array([classes.index(a) if a in classes else -1 for a in answers], np.int32)
+      # Class names carry no leading space (CounterFact answers do).
+      index = {c.strip(): i for i, c in enumerate(classes)}
+      label = lambda answers: np.array([index.get(a.strip(), -1) for a in answers], np.int32)
       maintain_train = split.select(facts, "maintain_train")
       maintain_test = split.select(facts, "maintain_test")
       forget = split.select(facts, "forget_eval")

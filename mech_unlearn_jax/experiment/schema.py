@@ -126,6 +126,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
           raise ConfigError(f"{key} must be integers separated by commas, got {value!r}") from None
     if not isinstance(value, (list, tuple)):
       raise ConfigError(f"{key} must be a list, got {value!r}")
+    if item is str:
+      # "--config.eval.formats=standard,qa" arrives as one comma-joined item.
+      value = [v.strip() for part in value for v in str(part).split(",") if v.strip()]
     if item in (int, float, str, bool):
       return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     return tuple(value)
