@@ -206,6 +206,7 @@ class StudyConfig:
     return config
 
   def setting(self, name: str) -> StudySetting:
+    """The setting called `name`."""
     for s in self.settings:
       if s.name == name:
         return s
@@ -251,6 +252,7 @@ class StudyConfig:
     ]
 
   def to_json(self) -> dict[str, Any]:
+    """The study config as plain JSON (recorded in the workdir's study.json)."""
     return io.to_jsonable(dataclasses.asdict(self))
 
 
@@ -496,6 +498,7 @@ def collect(config: StudyConfig, out_dir: pathlib.Path) -> StudyData:
 
 
 def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+  """study.csv: the long-format rows (integers as integers, floats round-trip exact)."""
   buf = std_io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
   writer.writeheader()
@@ -977,6 +980,7 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
 
 
 def claims_markdown(items: Sequence[Mapping[str, Any]]) -> str:
+  """The claims as a verdict table followed by each claim's comparisons."""
   lines = ["| setting | claim | verdict |", "|---|---|---|"]
   for c in items:
     lines.append(f"| {c['setting']} | {c['claim']} | {c['verdict']} |")
