@@ -141,10 +141,16 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> pathlib.Pa
 
 
 def pyplot():
-  """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+  """matplotlib.pyplot for figures that are only saved to files.
+
+  Without a display, matplotlib picks the file-only Agg backend by itself; a backend
+  the user chose (a notebook's inline one) is left alone, so figures the user draws
+  after a library call still show.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
 
-  matplotlib.use("Agg")
+  if not os.environ.get("DISPLAY") and "inline" not in matplotlib.get_backend() and not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   return plt

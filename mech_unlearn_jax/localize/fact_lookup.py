@@ -647,11 +647,7 @@ def run_fact_lookup(
 
 def plot_evidence(result: FactLookupResult, directory: str | os.PathLike, title: str = "") -> list[pathlib.Path]:
   """Writes probe_curve.png, extraction.png and enrichment.png; returns their paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = mio.pyplot()
   directory = pathlib.Path(directory)
   n = result.enrichment.size
   paths = []
