@@ -8,11 +8,19 @@ report can aggregate however it needs. Only the last position is unembedded.
 A row whose logits are not finite (a diverged edit) scores as wrong with p = 0: an
 argmax over NaNs returns index 0, which is the asked-for answer, so without this a
 broken model would look perfect.
+
+Many devices: a model placed on a multi-device mesh (`sharding.shard_model`) is
+scored with every chunk split over the mesh's "data" axis (chunks padded to a
+multiple of it; the padded rows are dropped, or count for nothing in the text
+metrics); results are replicated, so every host reads them. Compute dtype: the
+functions compute in the model's own dtype; `with_compute_dtype` gives a model that
+computes in bfloat16 (the float32 model stays the master copy).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -22,6 +30,7 @@ from penzai import pz
 
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax import progress
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.models import forward
 
 
@@ -87,14 +96,23 @@ def scores_from_logits(last_logits_BxV: jax.Array, candidate_ids_BxC: jax.Array)
   }
 
 
-@jax.jit
-def _score_chunk(unbound, params, tokens, positions, candidates):
+def _score_chunk_fn(unbound, params, tokens, positions, candidates):
   model = pz.bind_variables(unbound, params)
   return scores_from_logits(forward.last_logits(model, tokens, positions), candidates)
 
 
-def _bucket(n: int, cap: int) -> int:
-  """Rows a chunk of `n` is padded to: a power of two (>= 8) up to `cap`.
+_score_chunk = jax.jit(_score_chunk_fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _replicated_out(fn, mesh: jax.sharding.Mesh):
+  """`fn` jitted with replicated outputs on `mesh` (readable on every host)."""
+  return jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+
+def _bucket(n: int, cap: int, multiple: int = 1) -> int:
+  """Rows a chunk of `n` is padded to: a power of two (>= 8) up to `cap`, rounded up
+  to a multiple of `multiple` (the mesh's "data" axis).
 
   Few distinct shapes means few traces and compiles of the jitted scorer, which for
   small evaluation cells cost more than the padded rows.
@@ -102,7 +120,7 @@ def _bucket(n: int, cap: int) -> int:
   size = 8
   while size < n:
     size *= 2
-  return min(max(size, n), max(cap, n))
+  return sharding.padded_size(min(max(size, n), max(cap, n)), multiple)
 
 
 def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64, desc: str | None = None) -> FactScores:
@@ -111,6 +129,9 @@ def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64, desc: str | 
   `desc` shows a progress bar over the chunks under that name.
   """
   unbound, params = pz.unbind_params(model, freeze=True)
+  mesh = sharding.mesh_of((unbound, params))
+  multiple = sharding.data_size(mesh)
+  score = _score_chunk if mesh is None else _replicated_out(_score_chunk_fn, mesh)
   candidates = batch.candidate_ids_BxC
   outs = []
   starts = range(0, batch.size, chunk_size)
@@ -122,13 +143,15 @@ def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64, desc: str | 
     positions = batch.positions_BxL[start:stop]
     cands = candidates[start:stop]
     n = stop - start
-    pad = _bucket(n, chunk_size) - n
+    pad = _bucket(n, chunk_size, multiple) - n
     if pad:
       # Repeat the last row so the padded chunk reuses a compiled shape.
       tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
       positions = np.concatenate([positions, np.repeat(positions[-1:], pad, 0)])
       cands = np.concatenate([cands, np.repeat(cands[-1:], pad, 0)])
-    out = _score_chunk(unbound, params, tokens, positions, cands)
+    if mesh is not None:
+      tokens, positions, cands = sharding.shard_batch((tokens, positions, cands), mesh)
+    out = score(unbound, params, tokens, positions, cands)
     outs.append(jax.tree.map(lambda x: np.asarray(x)[:n], out))
   merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
   return FactScores(
@@ -157,25 +180,38 @@ def _next_token_terms(logits_BxLxV, tokens_BxL, positions_BxL):
   return logp, nll, correct, valid
 
 
-@jax.jit
-def _text_chunk(unbound, params, tokens, positions):
+def _text_chunk_fn(unbound, params, tokens, positions):
   logits = forward.full_logits(pz.bind_variables(unbound, params), tokens, positions)
   _, nll, correct, valid = _next_token_terms(logits, tokens, positions)
   return (nll * valid).sum(), (correct * valid).sum(), valid.sum()
 
 
+_text_chunk = jax.jit(_text_chunk_fn)
+
+
+def _text_rows(mesh, tokens_BxL, positions_BxL):
+  """Text rows split over "data", padded with rows of padding (positions -1: they
+  predict nothing and count for nothing)."""
+  size = sharding.padded_size(np.shape(tokens_BxL)[0], sharding.data_size(mesh))
+  tokens = sharding.pad_rows(tokens_BxL, size, fill=0)
+  positions = sharding.pad_rows(positions_BxL, size, fill=-1)
+  return sharding.shard_batch((tokens, positions), mesh)
+
+
 def text_metrics(model: Any, tokens_BxL, positions_BxL, chunk_size: int = 8) -> dict[str, float]:
   """Mean next-token cross-entropy and accuracy over real positions."""
   unbound, params = pz.unbind_params(model, freeze=True)
+  mesh = sharding.mesh_of((unbound, params))
+  run = _text_chunk if mesh is None else _replicated_out(_text_chunk_fn, mesh)
   totals = np.zeros(3)
   for start in range(0, tokens_BxL.shape[0], chunk_size):
     sl = slice(start, start + chunk_size)
-    totals += np.array([float(x) for x in _text_chunk(unbound, params, tokens_BxL[sl], positions_BxL[sl])])
+    rows = (tokens_BxL[sl], positions_BxL[sl]) if mesh is None else _text_rows(mesh, tokens_BxL[sl], positions_BxL[sl])
+    totals += np.array([float(x) for x in run(unbound, params, *rows)])
   return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "tokens": int(totals[2])}
 
 
-@jax.jit
-def _kl_chunk(unbound_a, params_a, unbound_b, params_b, tokens, positions):
+def _kl_chunk_fn(unbound_a, params_a, unbound_b, params_b, tokens, positions):
   la = forward.full_logits(pz.bind_variables(unbound_a, params_a), tokens, positions)
   lb = forward.full_logits(pz.bind_variables(unbound_b, params_b), tokens, positions)
   pa = jax.nn.log_softmax(la.astype(jnp.float32), -1)
@@ -185,13 +221,39 @@ def _kl_chunk(unbound_a, params_a, unbound_b, params_b, tokens, positions):
   return (kl * valid).sum(), valid.sum()
 
 
+_kl_chunk = jax.jit(_kl_chunk_fn)
+
+
 def kl_divergence(original: Any, edited: Any, tokens_BxL, positions_BxL, chunk_size: int = 8) -> float:
   """Mean per-token KL(original || edited) of next-token distributions on text."""
   ua, pa = pz.unbind_params(original, freeze=True)
   ub, pb = pz.unbind_params(edited, freeze=True)
+  mesh = sharding.mesh_of((ua, pa, ub, pb))
+  run = _kl_chunk if mesh is None else _replicated_out(_kl_chunk_fn, mesh)
   total, count = 0.0, 0
   for start in range(0, tokens_BxL.shape[0], chunk_size):
     sl = slice(start, start + chunk_size)
-    kl, n = _kl_chunk(ua, pa, ub, pb, tokens_BxL[sl], positions_BxL[sl])
+    rows = (tokens_BxL[sl], positions_BxL[sl]) if mesh is None else _text_rows(mesh, tokens_BxL[sl], positions_BxL[sl])
+    kl, n = run(ua, pa, ub, pb, *rows)
     total, count = total + float(kl), count + int(n)
   return total / max(count, 1)
+
+
+def with_compute_dtype(model: Any, compute_dtype: str) -> Any:
+  """`model` computing in `compute_dtype` ("float32": `model` itself).
+
+  Casts every floating array of the model (weights and constants such as the
+  embedding scale, which would otherwise promote activations back to float32) into a
+  new, frozen copy; the scorers still form log-probabilities in float32. Placement
+  is kept (the cast of a sharded weight is sharded alike).
+  """
+  if compute_dtype == "float32":
+    return model
+  if compute_dtype != "bfloat16":
+    raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
+  dtype = jnp.dtype(compute_dtype)
+  cast = lambda tree: jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
+  )
+  unbound, params = pz.unbind_params(model, freeze=True)
+  return pz.bind_variables(cast(unbound), [pz.Parameter(value=v.value, label=v.label) for v in cast(params)])

@@ -14,6 +14,12 @@ its own output in the workdir, then builds the report from those outputs:
 
 A killed run resumes (finished stages are read back; the edit continues from its
 latest checkpoint); a finished run reruns in seconds and rewrites nothing.
+
+Devices: the model is placed once on `config.mesh` (`sharding.shard_model`; one
+device: not at all) and carries its mesh into every stage, so scoring, attribution
+patching, causal tracing, the edit and the attacks all split their batches over the
+"data" axis. The mesh is not part of the experiment: a run resumes on another mesh.
+Scoring stages compute in `config.compute_dtype` (a cast copy of the float32 model).
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import os
 import pathlib
 from typing import Any
 
+import jax
+
 from mech_unlearn_jax import io
 from mech_unlearn_jax import progress
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.data import splits as splits_lib
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.experiment import inputs as inputs_lib
@@ -84,14 +93,30 @@ def check_or_write_config(spec: ExperimentSpec, workdir: pathlib.Path) -> None:
   current = json.loads(json.dumps(spec.to_json()))
   if path.is_file():
     previous = io.read_json(path, "run config")
-    if previous != current:
-      changed = schema.diff(previous, current)
+    if _experiment_part(previous) != _experiment_part(current):
+      changed = schema.diff(_experiment_part(previous), _experiment_part(current))
       raise ValueError(
           f"{path}: the workdir holds a run with a different config ({'; '.join(changed[:8])});"
           " use a new --workdir (or delete this one) to start another experiment"
       )
   elif os.access(workdir, os.W_OK):
     io.write_json(path, current)
+
+
+def _experiment_part(record: dict[str, Any]) -> dict[str, Any]:
+  """A config record without where it ran (the mesh); runs recorded before the
+  compute-dtype switch computed in float32."""
+  out = {k: v for k, v in record.items() if k != "mesh"}
+  out.setdefault("compute_dtype", "float32")
+  return out
+
+
+def place_model(model: Any, mesh_config: sharding.MeshConfig) -> Any:
+  """`model` placed on the mesh of `mesh_config` (as is when that is one device)."""
+  mesh = sharding.mesh_from_config(mesh_config)
+  if not sharding.is_multi_device(mesh):
+    return model
+  return sharding.shard_model(model, mesh, fsdp=mesh_config.fsdp)
 
 
 def run_experiment(
@@ -108,17 +133,27 @@ def run_experiment(
   """
   workdir = pathlib.Path(workdir)
   writable = os.access(workdir if workdir.exists() else workdir.parent, os.W_OK)
-  with workdir_lock(workdir) if writable else contextlib.nullcontext():
+  with _primary_lock(workdir) if writable else contextlib.nullcontext():
     return _run(spec, workdir, shared=shared or SharedOutputs(), loaded=loaded)
 
 
-def attack_only(workdir: str | os.PathLike, robustness_config: Any = None) -> dict[str, Any]:
+def _primary_lock(workdir: pathlib.Path):
+  """The workdir lock, taken by the first process only: with `jax.distributed`, every
+  process of one run shares the workdir (and writes the same files atomically)."""
+  return workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
+def attack_only(
+    workdir: str | os.PathLike, robustness_config: Any = None,
+    mesh: sharding.MeshConfig | None = None,
+) -> dict[str, Any]:
   """The robustness stages on a finished run, without redoing the edit.
 
   Reads the run's config.json; every earlier stage is read back from the workdir and
   the edited model is restored from its final checkpoint. `robustness_config`
   (default: the run's own, or the library default if the run had every stage off)
-  chooses the attacks; results.json/md and the plots are rebuilt with them.
+  chooses the attacks; results.json/md and the plots are rebuilt with them. `mesh`
+  (default: every device here, whatever mesh the run used) is where they run.
   """
   workdir = pathlib.Path(workdir)
   if not (workdir / "config.json").is_file():
@@ -128,8 +163,8 @@ def attack_only(workdir: str | os.PathLike, robustness_config: Any = None) -> di
     raise ValueError(f"{workdir}: the run has not finished (no evaluation/edited.json); rerun launch.run first")
   if robustness_config is None:
     robustness_config = spec.robustness if spec.robustness.any_enabled else robustness.RobustnessConfig()
-  spec = dataclasses.replace(spec, robustness=robustness_config)
-  with workdir_lock(workdir):
+  spec = dataclasses.replace(spec, robustness=robustness_config, mesh=mesh or sharding.MeshConfig())
+  with _primary_lock(workdir):
     return _run(spec, workdir, record_config=False)
 
 
@@ -147,13 +182,17 @@ def _run(
 
   with progress.stage("load model") as info:
     model, tokenizer = loaded or loaders.load_model_and_tokenizer(spec.model, spec.seed)
-    info["detail"] = f"{spec.model}: {model.config.num_layers} layers"
+    model = place_model(model, spec.mesh)
+    mesh = sharding.mesh_of(model)
+    placed = f", mesh {dict(mesh.shape)}" if mesh is not None else ""
+    info["detail"] = f"{spec.model}: {model.config.num_layers} layers{placed}"
   if spec.localize.layers:
     select.check_layers(spec.localize.layers, model.config.num_layers)
 
   with progress.stage("knowledge") as info:
     knowledge = stages.knowledge_stage(
-        model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or workdir / "knowledge.json"
+        model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or workdir / "knowledge.json",
+        compute_dtype=spec.compute_dtype,
     )
     info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
 
@@ -179,7 +218,7 @@ def _run(
 
   eval_args = dict(
       task=task, facts=knowledge.facts, split=split, config=spec.eval, data=spec.data,
-      unlearn=unlearn, retain_heldout=retain.heldout, seed=spec.seed,
+      unlearn=unlearn, retain_heldout=retain.heldout, seed=spec.seed, compute_dtype=spec.compute_dtype,
   )
   with progress.stage("evaluate unedited"):
     unedited_dir = shared.unedited_dir or workdir

@@ -9,15 +9,22 @@ attacks) is reachable as `--config.x.y=...`.
 The top-level `seed` is the only seed: it is copied into the nested configs that
 have one (the edit's data order; localization, splits, option shuffles and attacks
 read it directly), so `--config.seed=1` changes all of them together.
+
+`compute_dtype` works the same way: the top-level switch is copied into every nested
+`EditConfig` (the edit and every attack's training: float32 master weights and
+optimizer state, the loss computed in that dtype), and the run scores with a model
+cast to it. `mesh` says where the run executes (`sharding.MeshConfig`); it does not
+change the experiment, so a run may resume on another mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from mech_unlearn_jax import train as train_lib
+from mech_unlearn_jax.sharding import MeshConfig
 from mech_unlearn_jax.data.tasks import DataConfig
 from mech_unlearn_jax.experiment import schema
 from mech_unlearn_jax.experiment.robustness import RobustnessConfig
@@ -89,6 +96,10 @@ class ExperimentSpec:
       a "tiny-*" preset (random weights; tests).
     data, localize, edit, retain, eval: the stages' settings.
     robustness: the attacks and side-effect evaluations (on by default).
+    mesh: the device mesh ("data" and "model" axis sizes, -1 = all devices); one
+      device runs exactly the single-device code.
+    compute_dtype: "float32" or "bfloat16" for the edit, the attacks and scoring
+      (see the module docstring).
   """
 
   seed: int = 0
@@ -99,14 +110,19 @@ class ExperimentSpec:
   retain: RetainConfig = RetainConfig()
   eval: EvalConfig = EvalConfig()
   robustness: RobustnessConfig = RobustnessConfig()
+  mesh: MeshConfig = MeshConfig()
+  compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
   def __post_init__(self):
     if self.seed < 0:
       raise ValueError(f"config.seed must be >= 0, got {self.seed}")
     if not self.model:
       raise ValueError("config.model must name a model (e.g. 'default')")
-    # The one seed reaches every nested config that has a `seed` field.
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"config.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+    # The one seed (and compute dtype) reaches every nested config with such a field.
     seeded = schema.replace_nested(self, "seed", self.seed)
+    seeded = schema.replace_nested(seeded, "compute_dtype", self.compute_dtype)
     for field in dataclasses.fields(self):
       object.__setattr__(self, field.name, getattr(seeded, field.name))
 
@@ -115,18 +131,22 @@ class ExperimentSpec:
     """From nested dicts (e.g. `ConfigDict.to_dict()`); errors name the config key."""
     if hasattr(values, "to_dict"):
       values = values.to_dict()
-    nested = schema.nested_keys(values, "seed")
-    if nested:
-      raise schema.ConfigError(f"{nested[0]} is not a setting: set config.seed (the run's only seed)")
+    for name, what in _FOLLOW_TOP.items():
+      nested = schema.nested_keys(values, name)
+      if nested:
+        raise schema.ConfigError(f"{nested[0]} is not a setting: set config.{name} ({what})")
     return schema.from_mapping(cls, values)
 
   @classmethod
   def from_json(cls, record: Mapping[str, Any]) -> "ExperimentSpec":
-    """From `to_json()` output (e.g. a run's config.json): nested seeds are dropped,
-    since they follow the top-level seed."""
+    """From `to_json()` output (e.g. a run's config.json): nested seeds and compute
+    dtypes are dropped, since they follow the top-level ones."""
 
     def strip(d, top=True):
-      return {k: strip(v, False) if isinstance(v, Mapping) else v for k, v in d.items() if top or k != "seed"}
+      return {
+          k: strip(v, False) if isinstance(v, Mapping) else v
+          for k, v in d.items() if top or k not in _FOLLOW_TOP
+      }
 
     return cls.from_dict(strip(record))
 
@@ -134,7 +154,14 @@ class ExperimentSpec:
     return schema.to_json(self)
 
 
+# Top-level fields copied into every nested config that has one (never set below).
+_FOLLOW_TOP = {
+    "seed": "the run's only seed",
+    "compute_dtype": "the run's one compute dtype",
+}
+
+
 def default_config_dict():
-  """The ConfigDict every `configs/` file starts from (nested seeds left out: they
-  all follow `config.seed`)."""
-  return schema.to_config_dict(ExperimentSpec(), skip_nested=("seed",))
+  """The ConfigDict every `configs/` file starts from (nested seeds and compute dtypes
+  left out: they follow `config.seed` and `config.compute_dtype`)."""
+  return schema.to_config_dict(ExperimentSpec(), skip_nested=tuple(_FOLLOW_TOP))

@@ -13,6 +13,10 @@ finished run reruns in seconds). Without a path nothing is written.
   edit_stage        train only the masked parameters (orbax checkpoints, resumable)
 
 New stages (attacks, probes, side effects) follow the same shape.
+
+Devices and dtypes: a stage runs where its model lives (a model placed on a mesh
+splits every batch over it; see `sharding`); the scoring stages take a
+`compute_dtype` and score a cast copy of the (float32) model.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ class Knowledge:
 
 def knowledge_stage(
     model: Any, tokenizer: Any, task: Task, data: DataConfig, batch_size: int = 32,
-    path: pathlib.Path | None = None,
+    path: pathlib.Path | None = None, compute_dtype: str = "float32",
 ) -> Knowledge:
-  """Scores every fact in the task's knowledge format; keeps p(true) >= threshold."""
+  """Scores every fact in the task's knowledge format (in `compute_dtype`); keeps
+  p(true) >= threshold."""
   facts = task.load(data)
   if data.max_facts:
     facts = facts[: data.max_facts]
@@ -65,7 +70,8 @@ def knowledge_stage(
     started = time.time()
     fmt = task.knowledge_format(data)
     batch = task.fact_batch(tokenizer, fmt, facts)
-    scores = scoring.score_facts(model, batch, chunk_size=batch_size, desc="knowledge scan")
+    scorer = scoring.with_compute_dtype(model, compute_dtype)
+    scores = scoring.score_facts(scorer, batch, chunk_size=batch_size, desc="knowledge scan")
     measure = task.known_measure(data)
     p_true = getattr(scores, measure)
     known = p_true >= data.known_threshold
@@ -168,13 +174,18 @@ def evaluation_stage(
     model: Any, tokenizer: Any, task: Task, facts: Sequence[Any], split: splits_lib.Split,
     config: EvalConfig, data: DataConfig, unlearn: bool, retain_heldout: train_lib.TextBatch,
     seed: int, original: Any = None, path: pathlib.Path | None = None,
+    compute_dtype: str = "float32",
 ) -> dict[str, Any]:
   """Forget (true and edit answers) and maintain scores in every format; retain text.
 
-  With `original`, also KL(original || model) on the held-out retain text.
+  With `original`, also KL(original || model) on the held-out retain text. Models
+  are scored in `compute_dtype`.
   """
   if path is not None and path.is_file():
     return io.read_json(path, "evaluation output")
+  model = scoring.with_compute_dtype(model, compute_dtype)
+  if original is not None:
+    original = scoring.with_compute_dtype(original, compute_dtype)
   started = time.time()
   all_formats = task.eval_formats(facts, split, seed)
   unknown = [n for n in config.formats if n not in all_formats]

@@ -31,11 +31,17 @@ score equals that of the head's write into the residual stream, TransformerLens'
 "up" (their outputs), down -> "mlp_hidden" (its input: for a linear map, input
 attribution equals output attribution, and the input also gives per-neuron scores).
 `APResult.matrix_scores` maps these onto the weight matrices.
+
+Many devices: for a model placed on a multi-device mesh (`sharding.shard_model`),
+each chunk of prompts is split over the mesh's "data" axis; a chunk the axis does not
+divide is padded with rows of weight 0 in the summed metric (their gradients, hence
+their scores, are exactly 0), and the padded rows' logit differences are dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -44,6 +50,7 @@ import numpy as np
 from penzai import pz
 
 from mech_unlearn_jax import interventions as iv
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models.forward import named_inputs
 from mech_unlearn_jax.models.transformer import CausalLM
@@ -142,11 +149,15 @@ def head_axes_of(x: pz.nx.NamedArray) -> tuple[str, ...]:
 # The AP pass.
 
 
-def _ap_traced(model, sites, clean_tokens, corrupt_tokens, positions, cand_ids, per_neuron, start):
+def _ap_traced(
+    model, sites, clean_tokens, corrupt_tokens, positions, cand_ids, per_neuron, start,
+    row_weights_B=None,
+):
   """Unnormalized scores (sum over prompts of Δa · d ld_i / da) and per-prompt lds.
 
   Columns before `start` are identical in both runs (so Δa = 0 there): only the
   columns from `start` on are run, against the clean prefix's keys and values.
+  `row_weights_B` (0 on padding rows) weights the summed metric; None: all 1.
   """
   side = {}
   if start > 0:
@@ -171,7 +182,8 @@ def _ap_traced(model, sites, clean_tokens, corrupt_tokens, positions, cand_ids, 
         body, {s: [iv.AddDelta(s, deltas[s]), iv.Capture(s, pz.StateVariable(None))] for s in sites}
     )
     ld = run(patched, clean_tokens)
-    return ld.sum(), (ld, iv.captured_values(patched))
+    total = ld.sum() if row_weights_B is None else (ld * row_weights_B).sum()
+    return total, (ld, iv.captured_values(patched))
 
   zeros = jax.tree.map(jnp.zeros_like, corrupt_acts)
   grads, (clean_ld, clean_acts) = jax.grad(total_ld, has_aux=True)(zeros)
@@ -184,12 +196,41 @@ def _ap_traced(model, sites, clean_tokens, corrupt_tokens, positions, cand_ids, 
   return scores, neurons, clean_ld, corrupt_ld
 
 
-def _frozen_ap(unbound, params, clean_tokens, corrupt_tokens, positions, cand_ids, sites, per_neuron, start):
+def _frozen_ap(
+    unbound, params, clean_tokens, corrupt_tokens, positions, cand_ids, sites, per_neuron, start,
+    row_weights_B=None,
+):
   model = pz.bind_variables(unbound, params)
-  return _ap_traced(model, sites, clean_tokens, corrupt_tokens, positions, cand_ids, per_neuron, start)
+  return _ap_traced(
+      model, sites, clean_tokens, corrupt_tokens, positions, cand_ids, per_neuron, start, row_weights_B
+  )
 
 
-_jitted_ap = jax.jit(_frozen_ap, static_argnames=("sites", "per_neuron", "start"))
+_AP_STATIC = ("sites", "per_neuron", "start")
+_jitted_ap = jax.jit(_frozen_ap, static_argnames=_AP_STATIC)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_ap(mesh: jax.sharding.Mesh):
+  # Scores are sums over prompts: replicated outputs, readable on every host.
+  return jax.jit(_frozen_ap, static_argnames=_AP_STATIC, out_shardings=sharding.replicated(mesh))
+
+
+def _ap_chunk(mesh, unbound, params, clean_tokens, corrupt_tokens, positions, cand_ids, sites, per_neuron, start):
+  """One jitted AP call; on a multi-device mesh, padded and split over "data"."""
+  if mesh is None:
+    return _jitted_ap(
+        unbound, params, clean_tokens, corrupt_tokens, positions, cand_ids, sites, per_neuron, start
+    )
+  n = np.shape(clean_tokens)[0]
+  size = sharding.padded_size(n, sharding.data_size(mesh))
+  weights = (np.arange(size) < n).astype(np.float32)
+  rows = [sharding.pad_rows(x, size) for x in (clean_tokens, corrupt_tokens, positions, cand_ids)]
+  rows = sharding.shard_batch([*rows, weights], mesh)
+  scores, neurons, clean_ld, corrupt_ld = _sharded_ap(mesh)(
+      unbound, params, *rows[:4], sites, per_neuron, start, rows[4]
+  )
+  return scores, neurons, clean_ld[:n], corrupt_ld[:n]
 
 
 def first_differing_column(clean_tokens_BxL, corrupt_tokens_BxL) -> int:
@@ -300,14 +341,15 @@ def attribution_patching(
   start = first_differing_column(clean.tokens_BxL, corrupt) if config.reuse_prefix else 0
   sites = tuple(iv.all_sites(model.config.num_layers, config.kinds))
   unbound, params = pz.unbind_params(model, freeze=True)
+  mesh = sharding.mesh_of((unbound, params))
   size = clean.size
   step = config.batch_size or size
   raw, neurons, clean_lds, corrupt_lds = None, None, [], []
   for lo in range(0, size, step):
     hi = min(lo + step, size)
     part = clean.slice(lo, hi)
-    scores, nscores, clean_ld, corrupt_ld = _jitted_ap(
-        unbound, params, part.tokens_BxL, corrupt[lo:hi], part.positions_BxL,
+    scores, nscores, clean_ld, corrupt_ld = _ap_chunk(
+        mesh, unbound, params, part.tokens_BxL, corrupt[lo:hi], part.positions_BxL,
         part.candidate_ids_BxC, sites, config.per_neuron, start,
     )
     raw = scores if raw is None else jax.tree.map(jnp.add, raw, scores)

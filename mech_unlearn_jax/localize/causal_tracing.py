@@ -34,6 +34,11 @@ How it is batched (all restorations in one jitted call per prompt chunk):
 `causal_tracing_unbatched` is the straightforward one-restoration-per-forward version
 the batched one is tested against.
 
+Many devices: for a model placed on a multi-device mesh (`sharding.shard_model`),
+each chunk of prompts is split over the mesh's "data" axis (rows are independent, so
+a chunk the axis does not divide is padded with copies of its last row, which are
+dropped from the outputs).
+
 New named axes here: "sample" (noise samples), "restoration" (rows of the batched
 run), "layers", "heads_flat" (query heads flattened KV-group-major).
 """
@@ -50,6 +55,7 @@ import numpy as np
 from penzai import pz
 
 from mech_unlearn_jax import interventions as iv
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models.forward import named_inputs
 from mech_unlearn_jax.models.transformer import CausalLM
@@ -364,7 +370,27 @@ def _frozen_ct(unbound, params, tokens, positions, subject_mask, noise, std, pro
   )
 
 
-_jitted_ct = jax.jit(_frozen_ct, static_argnames=("start", "per_position", "heads", "mlps"))
+_CT_STATIC = ("start", "per_position", "heads", "mlps")
+_jitted_ct = jax.jit(_frozen_ct, static_argnames=_CT_STATIC)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_ct(mesh: jax.sharding.Mesh):
+  # Per-prompt probabilities are small: replicated outputs, readable on every host.
+  return jax.jit(_frozen_ct, static_argnames=_CT_STATIC, out_shardings=sharding.replicated(mesh))
+
+
+def _ct_chunk(mesh, unbound, params, tokens, positions, subject_mask, noise_SxBxLxD, std, prob_ids, **static):
+  """One jitted CT call; on a multi-device mesh, padded and split over "data"."""
+  if mesh is None:
+    return _jitted_ct(unbound, params, tokens, positions, subject_mask, noise_SxBxLxD, std, prob_ids, **static)
+  n = np.shape(tokens)[0]
+  size = sharding.padded_size(n, sharding.data_size(mesh))
+  rows = sharding.shard_batch([sharding.pad_rows(x, size) for x in (tokens, positions, subject_mask, prob_ids)], mesh)
+  noise = sharding.shard_batch(sharding.pad_rows(noise_SxBxLxD, size, axis=1), mesh, axis=1)
+  std = sharding.put(std, sharding.replicated(mesh))
+  qc, qr = _sharded_ct(mesh)(unbound, params, *rows[:3], noise, std, rows[3], **static)
+  return qc[:n], qr[:, :, :n]
 
 
 def _row_layout(num_layers, num_heads, num_cols, config: CTConfig) -> list[tuple[int, str, int, int]]:
@@ -427,14 +453,15 @@ def causal_tracing(model: CausalLM, batch: FactBatch, config: CTConfig = CTConfi
   layout = _row_layout(model.config.num_layers, num_heads, width - start, config)
   prob_ids = _prob_ids(batch, config, np.asarray(batch.answer_ids_B))
   unbound, params = pz.unbind_params(model, freeze=True)
+  mesh = sharding.mesh_of((unbound, params))
   step = config.prompts_per_call or batch.size
   q_clean, q_rows = [], []
   for lo in range(0, batch.size, step):
     hi = min(lo + step, batch.size)
     part = batch.slice(lo, hi)
     noise = subject_noise(config.seed, np.arange(lo, hi), config.num_samples, width, model.config.embedding_dim)
-    qc, qr = _jitted_ct(
-        unbound, params, part.tokens_BxL, part.positions_BxL, part.subject_mask_BxL, noise,
+    qc, qr = _ct_chunk(
+        mesh, unbound, params, part.tokens_BxL, part.positions_BxL, part.subject_mask_BxL, noise,
         jnp.float32(std), prob_ids[lo:hi],
         start=start, per_position=config.per_position, heads=config.heads, mlps=config.mlps,
     )

@@ -12,7 +12,9 @@ Generic over trainables. A checkpoint step holds four items:
     full history.
 
 Restores go into `jax.ShapeDtypeStruct` targets derived with `jax.eval_shape`
-(`step.abstract_state`), after checking the saved metadata and mask against the
+(`step.abstract_state`) and carrying the resuming run's shardings (`sharded_target`:
+a checkpoint written on one mesh restores onto another, or onto one device), after
+checking the saved metadata and mask against the
 resuming run, so a different run is refused before any bytes are read
 (`CheckpointMismatchError` names the differing fields). Orbax writes each step to a
 temporary directory and renames it when complete, so a killed run leaves either a
@@ -30,10 +32,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mech_unlearn_jax import sharding as sharding_lib
 from mech_unlearn_jax.models.config import TransformerConfig
 from mech_unlearn_jax.models.loaders import config_to_json
 from mech_unlearn_jax.train import trainables as trainables_lib
-from mech_unlearn_jax.train.step import EditConfig, TrainState, abstract_state
+from mech_unlearn_jax.train.step import EditConfig, TrainState, abstract_state, state_shardings
 
 FORMAT_VERSION = 2
 # Saved-meta keys that describe the checkpoint, not the run (not compared on resume).
@@ -112,14 +115,33 @@ def edit_metadata(
 
 
 def _with_sharding(abstract: Any) -> Any:
-  """Adds a single-device sharding to every ShapeDtypeStruct (orbax needs one)."""
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  """Adds a single-device sharding to every ShapeDtypeStruct that has none (orbax
+  needs one): this process's first device (the only one of a one-device run)."""
+  sharding = jax.sharding.SingleDeviceSharding(sharding_lib.local_device())
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(
           s.shape, s.dtype, sharding=getattr(s, "sharding", None) or sharding
       ),
       abstract,
   )
+
+
+def sharded_target(params: Any, config: EditConfig, trainable: Any = None) -> TrainState:
+  """The restore target of a run training `params`: shapes, dtypes and shardings.
+
+  On a multi-device mesh (the params' or the trainable's), params on the mesh keep
+  their sharding, others are placed by the trainable's axis names, and Adam's moments
+  follow their params; otherwise the target is single-device (`abstract_state`).
+  """
+  target = abstract_state(params, config)
+  mesh = sharding_lib.mesh_of((params, trainable))
+  if mesh is None:
+    return target
+  axes = dict(getattr(trainable, "param_axes", ()) or ())
+  shardings = state_shardings(
+      sharding_lib.param_shardings(params, mesh, axes), params, config, sharding_lib.replicated(mesh)
+  )
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -339,7 +361,8 @@ def load_trained_model(
 
   Works for mask and LoRA trainables. `base_model` defaults to
   `load_model(meta["model"]["spec"])`; a model config recorded in the checkpoint
-  must match the base model's.
+  must match the base model's. The trained params are restored where the base
+  model lives (its mesh, or one device), whichever mesh wrote them.
   """
   with CheckpointManager(directory) as manager:
     meta = manager.restore_meta(step)
@@ -367,7 +390,7 @@ def load_trained_model(
       )
     else:
       raise ValueError(f"cannot rebuild a {spec} trainable from {directory}")
-    state = manager.restore(abstract_state(params, config), step=meta["step"])
+    state = manager.restore(sharded_target(params, config, trainable), step=meta["step"])
   return trainable.merge(state.params), meta
 
 

@@ -14,6 +14,17 @@ METHOD §3 on top of it.
   run with `NonFiniteError` naming the first bad step and term. The bad state is
   never saved, so the directory keeps the last good checkpoint.
 - Every checkpoint carries the metric history, so a resumed run returns all steps.
+- Many devices: when the trainable lives on a multi-device mesh (a model placed with
+  `sharding.shard_model`) or `mesh` is given, the trained params and their optimizer
+  state are placed with the same specs (params already on the mesh keep theirs; new
+  ones, e.g. LoRA adapters, are placed by their axis names, FSDP over "data"), the
+  frozen values stay where they are (others replicated), every batch is split over
+  "data" along its example axis (the micro-batch axis stays whole), and the jitted
+  step keeps that placement (`step.sharded_train_step`). Micro-batches whose size
+  the "data" axis does not divide are padded with rows that count for nothing
+  (answer id -1, text positions -1), so the step computes the unpadded loss.
+  Checkpoints restore into targets on the current mesh, whatever mesh wrote them.
+  On one device nothing of this happens: the single-device path is unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models.transformer import CausalLM
 from mech_unlearn_jax.train import checkpoint as ckpt
@@ -38,7 +50,9 @@ from mech_unlearn_jax.train.step import (
     TrainState,
     abstract_state,
     init_state,
+    sharded_train_step,
     split_microbatches,
+    state_shardings,
     train_step,
 )
 from mech_unlearn_jax.train.trainables import ParamMask, Trainable, mask_trainable
@@ -122,6 +136,70 @@ def make_batch_fn(data: EditData, config: EditConfig) -> Callable[[int], EditBat
 
 
 # ----------------------------------------------------------------------------------
+# Placement on a multi-device mesh.
+
+# How a padding row of each batch type is marked (field -> fill value): such rows
+# count for nothing in `EditLoss` (facts: answer id -1; text: positions -1).
+_PAD_FILLS = {
+    FactBatch: {"answer_ids_B": -1},
+    TextBatch: {"positions_BxL": -1, "tokens_BxL": 0},
+}
+
+
+def _check_divisible(batch: Any, multiple: int) -> None:
+  sizes = {jax.tree_util.keystr(p): np.shape(x)[1] for p, x in jax.tree_util.tree_leaves_with_path(batch)}
+  bad = {k: b for k, b in sizes.items() if b % multiple}
+  if bad:
+    raise ValueError(
+        f"batch rows per micro-batch {bad} are not divisible by the mesh's data axis ({multiple}),"
+        " and this batch type has no padding rows: set the batch sizes (config.edit.*_batch_size)"
+        f" to multiples of {multiple} x num_microbatches, or change config.mesh.data"
+    )
+
+
+def _pad_micro_batches(batch: Any, multiple: int) -> Any:
+  """Pads every [M, b, ...] part of an `EditBatch` to b % multiple == 0."""
+  if not isinstance(batch, EditBatch):
+    _check_divisible(batch, multiple)
+    return batch
+  parts = {}
+  for name in ("forget", "maintain", "retain"):
+    part = getattr(batch, name)
+    if part is None or type(part) not in _PAD_FILLS:
+      if part is not None:
+        _check_divisible(part, multiple)
+      parts[name] = part
+      continue
+    fills = _PAD_FILLS[type(part)]
+    size = sharding.padded_size(np.shape(jax.tree.leaves(part)[0])[1], multiple)
+    parts[name] = type(part)(**{
+        f.name: sharding.pad_rows(getattr(part, f.name), size, axis=1, fill=fills.get(f.name))
+        for f in dataclasses.fields(part)
+    })
+  return EditBatch(**parts)
+
+
+def _place_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Pads and splits an [M, b, ...] step batch over "data" along b."""
+  batch = _pad_micro_batches(batch, sharding.data_size(mesh))
+  return jax.tree.map(lambda x: sharding.put(x, sharding.batch_sharding(np.ndim(x), mesh, axis=1)), batch)
+
+
+def _place_update_mask(update_mask: Any, params: Any, shardings: Any, mesh) -> Any:
+  if update_mask is None:
+    return None
+  # Whole-tensor entries are 0-d (replicated); sub-tensor masks follow their param.
+  return jax.tree.map(
+      lambda m, p, s: sharding.put(np.asarray(m), s if np.shape(m) == np.shape(p) else sharding.replicated(mesh)),
+      update_mask, params, shardings,
+  )
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+# ----------------------------------------------------------------------------------
 # The loop.
 
 
@@ -183,6 +261,7 @@ def train(
     log_fn: Callable[[int, Mapping[str, float]], None] | None = None,
     callback: Callable[[int, Any], None] | None = None,
     max_checkpoints_to_keep: int | None = 2,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
   """Trains `params` of `trainable`; resumes from `checkpoint_dir` if it holds a step.
 
@@ -209,6 +288,9 @@ def train(
       state's arrays: use them during the call (e.g. evaluate
       `trainable.merge(params)`); the next step donates them.
     max_checkpoints_to_keep: older steps are deleted (None keeps all).
+    mesh: run on this device mesh (see the module docstring); None: the mesh the
+      params or the trainable's frozen values live on, if they span several devices,
+      else one device.
 
   Returns:
     TrainResult(params, state, history) with `.model` the merged trained model.
@@ -221,24 +303,49 @@ def train(
   loss_fn = loss_fn or EditLoss(config)
   batch_fn = data if callable(data) else make_batch_fn(data, config)
   run_meta = ckpt.run_metadata(config, trainable, params, meta)
+  mesh = mesh if mesh is not None else sharding.mesh_of((params, trainable))
+  if not sharding.is_multi_device(mesh):
+    mesh = None
+  host_mask = None if update_mask is None else jax.tree.map(np.asarray, update_mask)
+  target = abstract_state(params, config)
+  if mesh is not None:
+    # Params already on the mesh keep their placement; new ones (LoRA) are placed by
+    # the axis names the trainable knows, FSDP over "data".
+    param_shardings = sharding.param_shardings(params, mesh, dict(getattr(trainable, "param_axes", ()) or ()))
+    shardings = state_shardings(param_shardings, params, config, sharding.replicated(mesh))
+    target = _with_shardings(target, shardings)
+    params = jax.tree.map(sharding.put, params, param_shardings)
+    trainable = sharding.shard_tree(trainable, mesh)
+    update_mask = _place_update_mask(host_mask, params, param_shardings, mesh)
   manager = None
   state = None
   history: list[dict[str, float]] = []
   if checkpoint_dir is not None:
     manager = ckpt.CheckpointManager(checkpoint_dir, max_to_keep=max_checkpoints_to_keep)
     if manager.latest_step() is not None:
-      state = manager.restore(
-          abstract_state(params, config), mask=update_mask, expected_meta=run_meta
-      )
+      # Restored into `target`: onto this run's mesh, whichever mesh saved it.
+      state = manager.restore(target, mask=host_mask, expected_meta=run_meta)
       history = manager.restore_history()
-  if state is None:
-    state = init_state(_copy(params), config)
-  # Restored arrays are committed to a device and fresh ones are not; jit keys its
-  # executable cache on that, so commit both ways or a resumed run recompiles.
-  state = jax.device_put(state, jax.devices()[0])
-  rng = jax.random.key(config.seed)
+  if mesh is None:
+    if state is None:
+      state = init_state(_copy(params), config)
+    # Restored arrays are committed to a device and fresh ones are not; jit keys its
+    # executable cache on that, so commit both ways or a resumed run recompiles.
+    state = jax.device_put(state, jax.devices()[0])
+    rng = jax.random.key(config.seed)
+    step_impl = train_step
+    place_batch = lambda batch: batch
+  else:
+    if state is None:
+      # Allocated in place, sharded (never whole on one device).
+      init = jax.jit(functools.partial(init_state, config=config), out_shardings=shardings)
+      state = init(_copy(params))
+    state = jax.tree.map(sharding.put, state, shardings)
+    rng = sharding.put(jax.random.key(config.seed), sharding.replicated(mesh))
+    step_impl = sharded_train_step(shardings, sharding.replicated(mesh))
+    place_batch = functools.partial(_place_batch, mesh=mesh)
   step_fn = functools.partial(
-      train_step, trainable=trainable, update_mask=update_mask, loss_fn=loss_fn, config=config
+      step_impl, trainable=trainable, update_mask=update_mask, loss_fn=loss_fn, config=config
   )
   last_saved = manager.latest_step() if manager is not None else None
 
@@ -261,7 +368,7 @@ def train(
   pending = None
   try:
     for step in range(int(state.step), config.steps):
-      state, metrics = step_fn(state, batch_fn(step), rng)
+      state, metrics = step_fn(state, place_batch(batch_fn(step)), rng)
       if pending is not None:
         check(*pending)  # the previous step; this one is already queued
       done = step + 1
@@ -272,7 +379,7 @@ def train(
         check(*pending)
         pending = None
       if save:
-        manager.save(done, state, mask=update_mask, meta=run_meta, history=history)
+        manager.save(done, state, mask=host_mask, meta=run_meta, history=history)
         last_saved = done
       if callback is not None:
         callback(done, state.params)
@@ -296,6 +403,7 @@ def edit(
     log_fn: Callable[[int, Mapping[str, float]], None] | None = None,
     loss_fn: StepLoss | None = None,
     max_checkpoints_to_keep: int | None = 2,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
   """Trains the masked parameters of `model` (METHOD §3); `.model` is the edited model.
 
@@ -303,8 +411,8 @@ def edit(
     model: the unedited model (not modified).
     mask: label -> bool or bool array, covering every parameter label
       (`trainables.validate_mask`).
-    data, config, checkpoint_dir, log_fn, loss_fn, max_checkpoints_to_keep: as in
-      `train`.
+    data, config, checkpoint_dir, log_fn, loss_fn, max_checkpoints_to_keep, mesh: as
+      in `train` (a model placed with `sharding.shard_model` trains on its mesh).
     model_spec: how to reload the base model (recorded with checkpoints, used by
       `checkpoint.load_trained_model`).
     data_split: JSON-serializable description of the data (recorded).
@@ -314,5 +422,5 @@ def edit(
   return train(
       params, trainable, data, config, update_mask=update_mask, loss_fn=loss_fn,
       checkpoint_dir=checkpoint_dir, meta=meta, log_fn=log_fn,
-      max_checkpoints_to_keep=max_checkpoints_to_keep,
+      max_checkpoints_to_keep=max_checkpoints_to_keep, mesh=mesh,
   )

@@ -18,6 +18,13 @@ loss metric and the gradient, update and parameter norms (a few reductions), so 
 loop can stop at the first bad step without an extra device round trip.
 
 Step batches carry a leading micro-batch axis: every leaf is [M, b, ...].
+
+Many devices: `sharded_train_step(state_shardings(...), replicated)` is the same step
+jitted with explicit output shardings, so a state placed on a mesh (params and Adam's
+moments with the same specs, see `loop.py`) keeps its placement from step to step;
+the inputs arrive placed (`jax.device_put` with `NamedSharding`) and XLA's SPMD
+partitioner inserts the collectives. `train_step` itself is the unchanged
+single-device step.
 """
 
 from __future__ import annotations
@@ -229,8 +236,7 @@ def accumulate_gradients(
   return grads, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "config"), donate_argnames=("state",))
-def train_step(
+def _train_step(
     state: TrainState,
     batch: Any,
     rng: jax.Array,
@@ -265,6 +271,44 @@ def train_step(
   # One scalar per metric: cheap next to the step, and read with the metrics anyway.
   metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+_STATIC = ("loss_fn", "config")
+
+train_step = jax.jit(_train_step, static_argnames=_STATIC, donate_argnames=("state",))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_step(state_def, state_shardings: tuple[Any, ...], metrics_sharding: Any):
+  out = (jax.tree.unflatten(state_def, state_shardings), metrics_sharding)
+  return jax.jit(
+      _train_step, static_argnames=_STATIC, donate_argnames=("state",), out_shardings=out
+  )
+
+
+def sharded_train_step(state_shardings: TrainState, metrics_sharding: Any):
+  """`train_step` whose outputs keep the given placement (multi-device runs).
+
+  The new state comes out with exactly the input state's shardings, so the donated
+  buffers are reused and the next step does not recompile; metrics come out with
+  `metrics_sharding` (replicated: every process can read them). The jitted function
+  is cached per placement, so runs on the same placement share compilations.
+  """
+  leaves, state_def = jax.tree.flatten(state_shardings)
+  return _sharded_step(state_def, tuple(leaves), metrics_sharding)
+
+
+def state_shardings(
+    params_shardings: Any, params: Any, config: EditConfig, scalar_sharding: Any
+) -> TrainState:
+  """Shardings of a `TrainState`: the optimizer state's copies of the params (Adam's
+  moments) take the params' shardings, its scalars (step counts) `scalar_sharding`."""
+  abstract = abstract_state(params, config)
+  opt = optax.tree_utils.tree_map_params(
+      make_optimizer(config), lambda _, s: s, abstract.opt_state, params_shardings,
+      transform_non_params=lambda _: scalar_sharding,
+  )
+  return TrainState(step=scalar_sharding, params=params_shardings, opt_state=opt)
 
 
 def optimizer_state_bytes(opt_state: Any) -> int:
