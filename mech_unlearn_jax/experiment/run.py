@@ -93,8 +93,8 @@ def check_or_write_config(spec: ExperimentSpec, workdir: pathlib.Path) -> None:
   current = json.loads(json.dumps(spec.to_json()))
   if path.is_file():
     previous = io.read_json(path, "run config")
-    if _experiment_part(previous) != _experiment_part(current):
-      changed = schema.diff(_experiment_part(previous), _experiment_part(current))
+    if experiment_part(previous) != experiment_part(current):
+      changed = schema.diff(experiment_part(previous), experiment_part(current))
       raise ValueError(
           f"{path}: the workdir holds a run with a different config ({'; '.join(changed[:8])});"
           " use a new --workdir (or delete this one) to start another experiment"
@@ -103,8 +103,9 @@ def check_or_write_config(spec: ExperimentSpec, workdir: pathlib.Path) -> None:
     io.write_json(path, current)
 
 
-def _experiment_part(record: dict[str, Any]) -> dict[str, Any]:
-  """A config record without where it ran (the mesh); runs recorded before the
+def experiment_part(record: dict[str, Any]) -> dict[str, Any]:
+  """What of a config record (`spec.to_json()`) defines the experiment: all but where
+  it ran (the mesh), so compare and digest this; records written before the
   compute-dtype switch computed in float32."""
   out = {k: v for k, v in record.items() if k != "mesh"}
   out.setdefault("compute_dtype", "float32")
