@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from penzai import pz
 
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import config as config_lib
