@@ -337,6 +337,20 @@ def mesh_of(tree: Any) -> Mesh | None:
   return None
 
 
+def to_host(x: Any) -> np.ndarray:
+  """`np.asarray(x)` that also works for an array spanning several processes.
+
+  `np.asarray` of a jitted output fails on a multi-host run unless that output is
+  replicated; this gathers such an array onto every process first (a collective:
+  every process must call it).
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def padded_size(n: int, multiple: int) -> int:
   """`n` rounded up to a multiple of `multiple`."""
   return -(-n // multiple) * multiple

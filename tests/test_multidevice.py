@@ -202,7 +202,6 @@ EIGHT_DEVICES = COMMON + textwrap.dedent("""
 
 TWO_PROCESSES = COMMON + textwrap.dedent("""
     import sys
-    from jax.experimental import multihost_utils
     from mech_unlearn_jax.evals import scoring
 
     port, pid, out, ckpt_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -212,7 +211,8 @@ TWO_PROCESSES = COMMON + textwrap.dedent("""
     placed = sharding.shard_model(model(), mesh)
     result = train_lib.edit(placed, mask(sub_tensor=True), DATA, CONFIG, checkpoint_dir=ckpt_dir,
                             model_spec="tiny-gemma3")
-    params = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in result.params.items()}
+    assert not any(v.is_fully_addressable for v in result.params.values())  # split over both processes
+    params = {k: sharding.to_host(v) for k, v in result.params.items()}
     scores = scoring.score_facts(placed, facts(4, 13), chunk_size=8)
     if pid == 0:
       np.savez(out, logprob=scores.logprob_full, loss=np.array([h["loss"] for h in result.history]),
