@@ -33,6 +33,7 @@ from penzai import pz
 
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import probes as probes_lib
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models.transformer import CausalLM
 
@@ -81,7 +82,7 @@ def last_token_residuals(model: Any, batch: FactBatch, chunk_size: int = 64) -> 
       tokens = np.concatenate([tokens, np.repeat(tokens[-1:], size - n, 0)])
       positions = np.concatenate([positions, np.repeat(positions[-1:], size - n, 0)])
     acts = _jit_last_token_residuals(unbound, params, tokens, positions)
-    parts.append(np.asarray(acts)[:, :n])
+    parts.append(sharding.to_host(acts)[:, :n])
   return np.concatenate(parts, axis=1)
 
 
