@@ -11,7 +11,7 @@ Sites are `mech_unlearn_jax.plant.PlantSite` specs ("mlp:1,2", "mlp:12,13", "att
 are fields, e.g. `--config.num_facts=32 --config.plant.steps=30 --config.plant.lr=5e-4`.
 
 The default is sized for Gemma 3 270M on a 2-core CPU: 64 invented athletes, two
-sites (early MLPs 1-2, late MLPs 12-13), 20 planting steps, three unlearning edits per
+sites (early MLPs 1-2, late MLPs 12-13), 40 planting steps at lr 3e-4, three unlearning edits per
 site (the planted site, fact lookup, AP) and the control, scored in the formats the
 model answers above chance (letter MC is at chance for 270M, so it is left out of the
 edit evaluation, though still reported after planting), with latent probes and short
@@ -86,8 +86,6 @@ def get_config(arg=None):
   c.sites = ("mlp:1,2", "mlp:12,13")
   c.max_real_facts = 512
   c.max_maintain = 48
-  c.plant.steps = 20
-  c.plant.warmup_steps = 2
   c.edit_methods = ("planted", "fact_lookup", "ap")
   # Pure unlearning (-log(1 - p(true))): "remove the planted fact", and half the
   # evaluation cells of an injection (no edit targets to score).

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io as _io
 import json
 import math
@@ -58,7 +59,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from penzai import pz
 
 from mech_unlearn_jax import io
 from mech_unlearn_jax import progress
@@ -74,7 +78,7 @@ from mech_unlearn_jax.experiment.spec import EvalConfig, RetainConfig
 from mech_unlearn_jax.localize import baselines as baselines_lib
 from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.localize import select
-from mech_unlearn_jax.models import transformer
+from mech_unlearn_jax.models import forward, transformer
 
 PLANTED_SPLIT = "planted"
 PLANTED_METHOD = "planted"  # the ground-truth mask, edited like any localization
@@ -247,11 +251,14 @@ class NamesConfig:
 
 
 def _default_plant() -> train_lib.EditConfig:
-  # Planting writes new facts into a few matrices: a much larger step than an edit's,
+  # Planting writes new facts into a few matrices: a larger step than an edit's,
   # warmed up so the first steps do not wreck the site; maintain and retain terms at
-  # the reference's weight keep the rest of the model's behaviour.
+  # the reference's weight keep the rest of the model's behaviour. Measured on Gemma 3
+  # 270M (docs/findings/planted.md): at 1e-3 with a cross-entropy retain term the
+  # facts are known after ~15 steps but held-out text drifts (KL 0.8 nats/token);
+  # 3e-4 with the KL retain term (`DistillLoss`) keeps it near an edit's (0.1-0.2).
   return train_lib.EditConfig(
-      steps=40, lr=1e-3, warmup_steps=4, forget_batch_size=32, maintain_batch_size=16,
+      steps=40, lr=3e-4, warmup_steps=2, forget_batch_size=32, maintain_batch_size=16,
       retain_batch_size=8, checkpoint_every=10,
   )
 
@@ -292,6 +299,9 @@ class PlantConfig:
       athletes on the base model; planted and real facts on the planted model).
     max_maintain: real known athletes in the planting's maintain term.
     plant: the planting's optimizer settings (steps, lr, batch sizes).
+    plant_retain_top_k: the planting's retain term is the KL to the unplanted
+      model's next-token distribution over its top-k tokens and the rest (0: the
+      library's cross-entropy on the sampled text, which a site can memorize).
     retain: retain text (planting, edits, KL).
     localize: localization settings shared by every method.
     methods: localization methods scored against the truth.
@@ -316,7 +326,8 @@ class PlantConfig:
   known_threshold: float = 0.5
   max_maintain: int = 64
   plant: train_lib.EditConfig = dataclasses.field(default_factory=_default_plant)
-  retain: RetainConfig = RetainConfig()
+  plant_retain_top_k: int = 32
+  retain: RetainConfig = RetainConfig(num_windows=64)
   localize: select.LocalizeConfig = dataclasses.field(default_factory=_default_localize)
   methods: tuple[str, ...] = select.METHODS
   localize_real: bool = True
@@ -359,6 +370,8 @@ class PlantConfig:
     for name in ("max_real_facts", "max_maintain_eval"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.plant_retain_top_k < 0:
+      raise ValueError(f"plant_retain_top_k must be >= 0, got {self.plant_retain_top_k}")
     if self.max_maintain < 1:
       raise ValueError(f"max_maintain must be >= 1, got {self.max_maintain}")
     for name in ("plant", "edit"):
@@ -733,24 +746,130 @@ def planting_data(
   )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DistillText:
+  """Retain windows with the unplanted model's next-token distribution at every position.
+
+  The distribution is kept as its top-k tokens (ids, probabilities) and the mass of
+  all other tokens; `DistillLoss` trains toward it. Left-padded like `TextBatch`.
+  """
+
+  tokens_BxL: np.ndarray
+  positions_BxL: np.ndarray
+  target_ids_BxLxK: np.ndarray
+  target_probs_BxLxK: np.ndarray
+
+  @property
+  def size(self) -> int:
+    return int(self.tokens_BxL.shape[0])
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_k_targets(unbound, params, tokens_BxL, positions_BxL, *, k: int):
+  logits = forward.full_logits(pz.bind_variables(unbound, params), tokens_BxL, positions_BxL)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  values, ids = jax.lax.top_k(logp, k)
+  return ids.astype(jnp.int32), jnp.exp(values)
+
+
+def distill_text(model: Any, text: train_lib.TextBatch, k: int = 32, chunk_size: int = 4) -> DistillText:
+  """`text` with `model`'s top-k next-token probabilities at every position."""
+  unbound, params = pz.unbind_params(model, freeze=True)
+  ids, probs = [], []
+  for start in range(0, text.size, chunk_size):
+    sl = slice(start, start + chunk_size)
+    i, p = _top_k_targets(unbound, params, text.tokens_BxL[sl], text.positions_BxL[sl], k=k)
+    ids.append(np.asarray(i))
+    probs.append(np.asarray(p))
+  return DistillText(tokens_BxL=np.asarray(text.tokens_BxL), positions_BxL=np.asarray(text.positions_BxL),
+                     target_ids_BxLxK=np.concatenate(ids), target_probs_BxLxK=np.concatenate(probs))
+
+
+def partition_kl_sum(logits_BxLxV: jax.Array, ids_BxLxK, probs_BxLxK, valid_BxL) -> jax.Array:
+  """Sum over valid positions of KL(target || model) on the partition (top-k ids, rest).
+
+  The partition's KL is a lower bound of the full-vocabulary KL with the same
+  minimum (the target itself), and needs only k numbers per position. The rest's
+  log-mass is a logsumexp over the other tokens (exact, no 1 - sum cancellation).
+  """
+  logits = logits_BxLxV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  logp_k = jnp.take_along_axis(logits, ids_BxLxK, axis=-1) - lse[..., None]
+  in_top = jnp.put_along_axis(jnp.zeros(logits.shape, bool), ids_BxLxK, True, axis=-1, inplace=False)
+  # A finite stand-in for -inf keeps the rest's logsumexp (and its gradient) finite
+  # even when the top-k cover the whole vocabulary (then q_rest = 0).
+  logp_rest = jax.nn.logsumexp(jnp.where(in_top, -1e30, logits), axis=-1) - lse
+  q_k = probs_BxLxK.astype(jnp.float32)
+  q_rest = jnp.clip(1.0 - q_k.sum(-1), 0.0, 1.0)
+  xlogx = lambda q: jnp.where(q > 0, q * jnp.log(jnp.maximum(q, 1e-30)), 0.0)
+  kl = (xlogx(q_k) - q_k * logp_k).sum(-1) + xlogx(q_rest) - q_rest * logp_rest
+  return jnp.sum(jnp.where(valid_BxL, kl, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillLoss:
+  """`EditLoss`'s forget and maintain terms, with a retain term that keeps the model's
+  own next-token distribution on the retain text (KL to the unplanted model, `DistillText`).
+
+  Cross-entropy on a few dozen sampled windows lets a site memorize them (the
+  training retain loss falls far below the model's own, and held-out text drifts);
+  the unplanted model's distribution as the target has its minimum at "unchanged".
+  """
+
+  config: train_lib.EditConfig
+
+  def normalizers(self, batch: train_lib.EditBatch) -> dict[str, jax.Array]:
+    """The fact terms' normalizers and the number of retain positions."""
+    norms = train_lib.EditLoss(self.config).normalizers(dataclasses.replace(batch, retain=None))
+    if batch.retain is not None:
+      norms["retain"] = jnp.maximum(jnp.sum(jnp.asarray(batch.retain.positions_BxL) >= 0), 1)
+    return norms
+
+  def __call__(self, params, trainable, batch, rng, normalizers):
+    """(loss, metrics) of one micro-batch (see `train.EditLoss`)."""
+    loss, metrics = train_lib.EditLoss(self.config)(
+        params, trainable, dataclasses.replace(batch, retain=None), rng, normalizers
+    )
+    if batch.retain is not None:
+      r = batch.retain
+      model = trainable.bind(params, self.config.compute_dtype)
+      logits = forward.full_logits(model, r.tokens_BxL, r.positions_BxL)
+      kl = partition_kl_sum(logits, r.target_ids_BxLxK, r.target_probs_BxLxK, r.positions_BxL >= 0)
+      retain = kl / normalizers["retain"]
+      metrics = dict(metrics, retain_loss=retain, loss=metrics["loss"] + self.config.retain_coef * retain)
+      loss = loss + self.config.retain_coef * retain
+    return loss, metrics
+
+
 def plant(
     model: Any, site: PlantSite, data: train_lib.EditData, config: train_lib.EditConfig, *,
     checkpoint_dir: str | os.PathLike | None = None, model_spec: str = "",
-    record: Mapping[str, Any] | None = None, log_fn=None,
+    record: Mapping[str, Any] | None = None, log_fn=None, retain_top_k: int = 32,
 ) -> train_lib.TrainResult:
   """Teaches the facts of `data` by training the site's parameters only (resumable).
 
-  The orbax checkpoint in `checkpoint_dir` is the planted model: reload it with
+  `data.retain` is either a `DistillText` (the retain term is the KL to the
+  unplanted model's next-token distribution, `DistillLoss`), or a `TextBatch`
+  (converted with `distill_text(model, ..., retain_top_k)`; with `retain_top_k=0`
+  the library's next-token cross-entropy on the text is used instead). The orbax
+  checkpoint in `checkpoint_dir` is the planted model: reload it with
   `load_planted_model`.
   """
   if config.forget_loss != "inject":
     raise ValueError("planting trains toward the planted attribute: config.plant.forget_loss must be 'inject'")
   mask = site.mask(model)
+  loss_fn = None
+  if isinstance(data.retain, train_lib.TextBatch) and retain_top_k:
+    data = dataclasses.replace(data, retain=distill_text(model, data.retain, retain_top_k))
+  if isinstance(data.retain, DistillText):
+    loss_fn = DistillLoss(config)
   return train_lib.edit(
       model, mask, data, config,
       checkpoint_dir=None if checkpoint_dir is None else str(pathlib.Path(checkpoint_dir).resolve()),
-      model_spec=model_spec, data_split=dict(record or {}, site=site.spec), log_fn=log_fn,
-      max_checkpoints_to_keep=1,
+      model_spec=model_spec, data_split=dict(record or {}, site=site.spec, retain_loss=(
+          f"kl_top{retain_top_k}" if loss_fn is not None else "cross_entropy")), log_fn=log_fn,
+      loss_fn=loss_fn, max_checkpoints_to_keep=1,
   )
 
 
@@ -1240,7 +1359,8 @@ def _run_site(
 
     try:
       result = plant(base, site, data, config.plant, checkpoint_dir=site_dir / "planting", model_spec=config.model,
-                     record={"facts": str(facts_path.name), "phrasings": list(config.train_phrasings)}, log_fn=log)
+                     record={"facts": str(facts_path.name), "phrasings": list(config.train_phrasings)}, log_fn=log,
+                     retain_top_k=config.plant_retain_top_k)
     finally:
       bar.close()
     planted_model = result.model

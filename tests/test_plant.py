@@ -155,6 +155,24 @@ def test_unit_ranks_follow_absolute_scores():
   assert plant.unit_ranks(scores, [u(1, "attn")])["ranks"] == {"attn1": 5}  # NaN ranks last
 
 
+def test_partition_kl_is_a_lower_bound_with_the_same_minimum():
+  import jax
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 50)), jnp.float32)
+  target = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 50)), jnp.float32))
+  valid = jnp.array([[True, True, False], [True, True, True]])
+  full = jnp.sum(jnp.where(valid, jnp.sum(target * (jnp.log(target) - jax.nn.log_softmax(logits)), -1), 0.0))
+  probs, ids = jax.lax.top_k(target, 50)
+  np.testing.assert_allclose(plant.partition_kl_sum(logits, ids, probs, valid), full, rtol=1e-5)
+  probs, ids = jax.lax.top_k(target, 5)
+  assert 0.1 < plant.partition_kl_sum(logits, ids, probs, valid) < full
+  assert abs(float(plant.partition_kl_sum(jnp.log(target), ids, probs, valid))) < 1e-5
+  grad = jax.grad(lambda l: plant.partition_kl_sum(l, ids, probs, valid))(logits)
+  assert bool(jnp.all(jnp.isfinite(grad))) and not bool(jnp.any(grad[0, 2]))  # padding gets no gradient
+
+
 def _toy_facts(names):
   return plant.make_planted_facts(names, seed=0)
 
@@ -201,6 +219,8 @@ def test_planting_trains_only_the_site_and_the_facts_become_known(tiny, spec, st
   config = train_lib.EditConfig(steps=steps, lr=5e-2, forget_batch_size=12, maintain_batch_size=12, retain_batch_size=4)
   result = plant.plant(model, site, data, config)
   planted = result.model
+  # The retain term is the KL to the unplanted model: 0 before the first update.
+  assert result.history[0]["retain_loss"] == pytest.approx(0.0, abs=1e-4)
   assert plant.changed_weights(model, planted, site.mask(model)) == {}  # nothing outside the site moved
   changed = plant.changed_weights(model, planted)
   assert changed and set(changed) <= set(masks_lib.trained_labels(site.mask(model)))
