@@ -1074,6 +1074,7 @@ class Localizations:
   enrichment: list[float | None] | None
   scores: dict[str, dict[tuple[int, str], np.ndarray]]
   flu_budget: int
+  total_effect: list[float | None] | None = None
 
 
 def localize_methods(
@@ -1105,10 +1106,12 @@ def localize_methods(
       model, batch, corrupt, labels, len(names), config, seed, out_dir, {"task": task.name},
       probe_batch=probe_batch, probe_labels=probe_labels,
   )
-  enrichment = None
+  enrichment = total_effect = None
   flu_json = None if out_dir is None else out_dir / "fact_lookup" / "fact_lookup.json"
   if flu_json is not None and flu_json.is_file():
-    enrichment = io.read_json(flu_json, "fact-lookup evidence")["enrichment"]
+    record = io.read_json(flu_json, "fact-lookup evidence")
+    enrichment = record["enrichment"]
+    total_effect = (record.get("total_effect") or {}).get("effect")
   extraction = evidence.get("extraction_layers") or []
   needed = sorted({m.split("_")[0] for m in methods if m in select.OUTPUT_TRACING})
   scores_path = None if out_dir is None else out_dir / "scores.json"
@@ -1131,7 +1134,11 @@ def localize_methods(
   return Localizations(
       masks=built, flu_layers=list(layers), extraction_layers=list(extraction), enrichment=enrichment,
       scores=scores, flu_budget=baselines_lib.flu_mlps(model, layers).trained_parameters,
+      total_effect=total_effect,
   )
+
+
+TOTAL_EFFECT_ROW = "total_effect"
 
 
 def localization_table(
@@ -1156,6 +1163,19 @@ def localization_table(
                                labels=len(at_planted.details.get("labels", []))),
         "rank": unit_ranks(unit_scores, site.units(), kinds) if unit_scores is not None else None,
     })
+  if loc.total_effect is not None:
+    # Not a method: the fact-lookup evidence's independent check (each MLP's output
+    # mean-ablated at the subject tokens), ranked and cut at both budgets like FLU.
+    effect = {masks_lib.Unit(i, "mlp"): (np.nan if e is None else float(e)) for i, e in enumerate(loc.total_effect)}
+    mlp_size = masks_lib.unit_parameter_count(model, masks_lib.Unit(0, "mlp"))
+    ranked = sorted(effect, key=lambda u: (-np.nan_to_num(effect[u], nan=-np.inf), u.layer))
+    row = {"method": TOTAL_EFFECT_ROW, "rank": unit_ranks(effect, site.units(), ("mlp",))}
+    for key, count in (("flu_budget", max(1, len(loc.flu_layers))),
+                       ("planted_budget", min(len(ranked), max(1, math.ceil(planted_budget / mlp_size))))):
+      chosen = baselines_lib.flu_mlps(model, [u.layer for u in ranked[:count]])
+      row[key] = dict(mask_overlap(chosen.mask, truth, model), units=chosen.details.get("units"),
+                      labels=len(chosen.details.get("labels", [])))
+    rows.append(row)
   return rows
 
 

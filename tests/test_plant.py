@@ -255,7 +255,7 @@ def test_tiny_command_end_to_end_and_resumable(tmp_path):
     slug = plant.PlantSite.parse(spec).slug
     site_dir = workdir / "sites" / slug
     assert site["planting"]["changed_outside_site"] == 0
-    assert {r["method"] for r in site["localization"]} == set(config.methods)
+    assert {r["method"] for r in site["localization"]} == set(config.methods) | {plant.TOTAL_EFFECT_ROW}
     rows = {r["method"]: r for r in site["localization"]}
     # Whole-model masks contain every planted weight.
     assert rows["nonlocalized"]["flu_budget"]["recall"] == 1.0
