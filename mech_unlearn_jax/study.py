@@ -275,6 +275,16 @@ def _digest(record: Any) -> str:
   return hashlib.sha256(json.dumps(io.to_jsonable(record), sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _setting_key(record: dict[str, Any]) -> dict[str, Any]:
+  """What of a setting's config record names its shared outputs: the experiment part
+  (not where it ran), with the float32 default left out so that folders written before
+  the compute-dtype switch existed keep their names."""
+  key = run_lib.experiment_part(record)
+  if key.get("compute_dtype") == "float32":
+    del key["compute_dtype"]
+  return key
+
+
 def _tiny(spec: ExperimentSpec) -> bool:
   return spec.model.startswith("tiny-")
 
@@ -294,7 +304,7 @@ def shared_outputs(spec: ExperimentSpec, setting: str, workdir: pathlib.Path) ->
   setting_record = ExperimentSpec.from_json(
     dict(record, seed=0, localize=dict(record["localize"], method="fact_lookup"))
   )
-  root = workdir / "shared" / f"{setting}-{_digest(setting_record.to_json())}" / f"seed{spec.seed}"
+  root = workdir / "shared" / f"{setting}-{_digest(_setting_key(setting_record.to_json()))}" / f"seed{spec.seed}"
   return run_lib.SharedOutputs(
     knowledge=workdir / "shared" / "knowledge" / f"{spec.data.task}-{_digest(knowledge_key)}.json",
     evidence_dir=root / "evidence",

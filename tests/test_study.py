@@ -1,6 +1,7 @@
 """The reproduction study: config, intervals, claims, and a tiny study end to end."""
 
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -59,6 +60,12 @@ def test_real_study_config_has_every_setting_method_and_seed():
   )
   assert a.knowledge == b.knowledge and a.evidence_dir != b.evidence_dir
   assert a == c  # every method of a (setting, seed) shares them
+  # Where a cell runs (the mesh) is not part of the key, the compute dtype is.
+  spec = config.cell_spec(study.Cell("sports_random16", "ap", 0))
+  on_mesh = dataclasses.replace(spec, mesh=dataclasses.replace(spec.mesh, data=8))
+  in_bf16 = dataclasses.replace(spec, compute_dtype="bfloat16")
+  assert study.shared_outputs(on_mesh, "sports_random16", run_lib.pathlib.Path("w")) == a
+  assert study.shared_outputs(in_bf16, "sports_random16", run_lib.pathlib.Path("w")).evidence_dir != a.evidence_dir
   assert config.cells(only_settings=["sports_basketball"], only_seeds=[1], only_methods=["ct"]) == [
     study.Cell("sports_basketball", "ct", 1)
   ]
