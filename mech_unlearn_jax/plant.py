@@ -920,42 +920,7 @@ def phrasing_knowledge(
 # Scoring localization against the truth.
 
 
-def _count(value: Any, shape: tuple[int, ...]) -> int:
-  if isinstance(value, np.ndarray):
-    return int(value.sum())
-  return int(np.prod(shape)) if value else 0
-
-
-def mask_overlap(
-    selected: masks_lib.ParamMask, truth: masks_lib.ParamMask, layout: masks_lib.Layout
-) -> dict[str, Any]:
-  """Precision and recall of `selected` against `truth`, by weight count.
-
-  precision = |selected & truth| / |selected|, recall = |selected & truth| / |truth|
-  (None when a denominator is 0), f1 their harmonic mean. Sub-tensor masks count
-  their entries; both masks must be in the same layout.
-  """
-  masks_lib.validate_mask(selected, layout)
-  masks_lib.validate_mask(truth, layout)
-  n_sel = n_true = n_both = 0
-  for label in selected:
-    shape = masks_lib.parameter_shape(layout, label)
-    s, t = selected[label], truth[label]
-    n_sel += _count(s, shape)
-    n_true += _count(t, shape)
-    if isinstance(s, np.ndarray) and isinstance(t, np.ndarray):
-      n_both += int(np.sum(s & t))
-    elif isinstance(s, np.ndarray):
-      n_both += int(s.sum()) if t else 0
-    elif isinstance(t, np.ndarray):
-      n_both += int(t.sum()) if s else 0
-    elif s and t:
-      n_both += int(np.prod(shape))
-  precision = n_both / n_sel if n_sel else None
-  recall = n_both / n_true if n_true else None
-  f1 = (2 * precision * recall / (precision + recall)) if precision and recall else (0.0 if n_sel and n_true else None)
-  return {"selected": n_sel, "planted": n_true, "overlap": n_both,
-          "precision": precision, "recall": recall, "f1": f1}
+mask_overlap = masks_lib.mask_overlap  # precision/recall against the planted mask
 
 
 def unit_ranks(

@@ -254,3 +254,18 @@ def test_configs_load_and_convert():
     config = localize_sports.get_config()
     config.localize.method = "magic"
     experiment.ExperimentSpec.from_dict(config.to_dict())
+
+
+def test_tiny_run_says_which_masks_coincide(tiny_run):
+  _, workdir, summary = tiny_run
+  coincidence = json.loads((workdir / "localization" / "coincidence.json").read_text())
+  assert coincidence["names"] == list(ALL_METHODS)
+  jaccard = dict(zip(coincidence["names"], coincidence["jaccard"]))
+  # Every MLP is inside the nonlocalized mask: Jaccard = |all MLPs| / |all weights|.
+  all_mlps = summary["all_mlps"]["trained_parameters"]
+  assert jaccard["all_mlps"][ALL_METHODS.index("nonlocalized")] == pytest.approx(
+    all_mlps / summary["nonlocalized"]["trained_parameters"]
+  )
+  assert all(jaccard[m][i] == 1.0 for i, m in enumerate(ALL_METHODS))
+  table = (workdir / "localization" / "coincidence.md").read_text()
+  assert "| fact_lookup |" in table and "Identical masks:" in table

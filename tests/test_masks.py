@@ -211,3 +211,20 @@ def test_baselines_are_seeded_and_budget_matched():
   assert built["ap"].details["units"][0] == "attn1"
   for result in built.values():
     assert result.trained_parameters == M.trained_parameter_count(result.mask, TINY)
+
+
+def test_mask_overlap_and_coincidence_count_weights():
+  mlp1 = M.mask_from_units(TINY, [M.Unit(1, "mlp")])
+  mlp12 = M.mask_from_units(TINY, [M.Unit(1, "mlp"), M.Unit(2, "mlp")])
+  head = M.mask_from_heads(TINY, [(0, 1)])
+  half = M.mask_from_neurons(TINY, {1: range(32)})  # half of the 64 neurons
+  size = M.unit_parameter_count(TINY, M.Unit(1, "mlp"))
+  assert M.mask_overlap(mlp1, mlp12, TINY)["precision"] == 1.0
+  assert M.mask_overlap(mlp1, mlp12, TINY)["recall"] == pytest.approx(0.5)
+  assert M.mask_overlap(half, mlp1, TINY)["overlap"] == size // 2  # sub-tensor entries against whole tensors
+  c = M.mask_coincidence({"a": mlp1, "b": mlp12, "c": head, "a_again": dict(mlp1), "half": half}, TINY)
+  j = dict(zip(c["names"], c["jaccard"]))
+  assert j["a"][1] == pytest.approx(0.5) and j["a"][2] == 0.0 and j["a"][3] == 1.0
+  assert j["half"][0] == pytest.approx(0.5)
+  assert c["identical"] == [["a", "a_again"]]
+  assert c["trained_parameters"][:2] == [size, 2 * size]

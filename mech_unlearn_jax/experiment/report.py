@@ -133,6 +133,22 @@ def write_report(workdir: pathlib.Path, results: Mapping[str, Any], title: str) 
 # Robustness: relearning, latent probes, soft prompts, side effects.
 
 
+def coincidence_markdown(coincidence: Mapping[str, Any]) -> str:
+  """Pairwise Jaccard index of localizations' masks (`masks.mask_coincidence`) as a table."""
+  names = coincidence["names"]
+  lines = [
+      "Jaccard index of the trained weights (|A and B| / |A or B|, by weight count); 1.000 = the same mask.\n",
+      "| method | weights | " + " | ".join(names) + " |",
+      "|---|---|" + "---|" * len(names),
+  ]
+  for name, size, row in zip(names, coincidence["trained_parameters"], coincidence["jaccard"]):
+    lines.append(f"| {name} | {size:,} | " + " | ".join(_fmt(v) for v in row) + " |")
+  groups = coincidence["identical"]
+  lines.append("")
+  lines.append("Identical masks: " + ("; ".join(", ".join(g) for g in groups) if groups else "none") + ".")
+  return "\n".join(lines) + "\n"
+
+
 def _cell_p(cells, fmt, answer="correct", measure="prob_normalized"):
   for c in cells:
     if c["format"] == fmt and c["answer"] == answer:

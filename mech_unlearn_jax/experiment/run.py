@@ -42,6 +42,7 @@ from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.experiment import inputs as inputs_lib
 from mech_unlearn_jax.experiment import report, robustness, schema, stages, validate
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
+from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.localize import select
 from mech_unlearn_jax.models import loaders
 
@@ -364,7 +365,7 @@ def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.Pa
         task, knowledge.pool, spec.data.split, spec.seed,
         {"model": spec.model, "threshold": spec.data.known_threshold}, workdir / "split.json",
     )
-    summary = {}
+    summary, chosen = {}, {}
     for method in methods:
       config = dataclasses.replace(spec.localize, method=method)
       with progress.stage(f"localize {method}") as info:
@@ -378,5 +379,9 @@ def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.Pa
           "mask_name": loc.evidence["mask_name"], "trained_parameters": loc.trained_parameters,
           "flu_layers": loc.evidence["flu_layers"], "units": loc.evidence["mask"].get("units"),
       }
+      chosen[method] = loc.mask
+    coincidence = masks_lib.mask_coincidence(chosen, model)
     io.write_json(workdir / "localization" / "summary.json", summary)
+    io.write_json(workdir / "localization" / "coincidence.json", coincidence)
+    io.write_text(workdir / "localization" / "coincidence.md", report.coincidence_markdown(coincidence))
     return summary

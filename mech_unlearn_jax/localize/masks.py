@@ -341,6 +341,72 @@ def trained_parameter_count(mask: ParamMask, config: Layout) -> int:
   return sum(entry_count(v, parameter_shape(config, k)) for k, v in mask.items())
 
 
+def shared_entry_count(a: bool | np.ndarray, b: bool | np.ndarray, shape: Sequence[int]) -> int:
+  """Entries of one parameter that both mask values let change."""
+  if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+    return int(np.sum(a & b))
+  if isinstance(a, np.ndarray):
+    return int(a.sum()) if b else 0
+  if isinstance(b, np.ndarray):
+    return int(b.sum()) if a else 0
+  return int(np.prod(shape)) if a and b else 0
+
+
+def mask_overlap(selected: ParamMask, truth: ParamMask, config: Layout) -> dict[str, Any]:
+  """Precision and recall of `selected` against `truth`, by weight count.
+
+  precision = |selected & truth| / |selected|, recall = |selected & truth| / |truth|
+  (None when a denominator is 0), f1 their harmonic mean. Sub-tensor masks count
+  their entries; both masks must be in the same layout.
+  """
+  validate_mask(selected, config)
+  validate_mask(truth, config)
+  n_sel = n_true = n_both = 0
+  for label in selected:
+    shape = parameter_shape(config, label)
+    n_sel += entry_count(selected[label], shape)
+    n_true += entry_count(truth[label], shape)
+    n_both += shared_entry_count(selected[label], truth[label], shape)
+  precision = n_both / n_sel if n_sel else None
+  recall = n_both / n_true if n_true else None
+  f1 = (2 * precision * recall / (precision + recall)) if precision and recall else (0.0 if n_sel and n_true else None)
+  return {"selected": n_sel, "planted": n_true, "overlap": n_both,
+          "precision": precision, "recall": recall, "f1": f1}
+
+
+def mask_coincidence(masks: Mapping[str, ParamMask], config: Layout) -> dict[str, Any]:
+  """Which of several masks coincide: pairwise Jaccard index by weight count.
+
+  Returns {"names", "jaccard": square list (1.0 on the diagonal of non-empty masks),
+  "identical": groups of names whose masks are equal entry for entry}. Two
+  localizations that pick the same weights give the same edit, so a comparison
+  between them compares nothing; this says where that happens.
+  """
+  names = list(masks)
+  for name in names:
+    validate_mask(masks[name], config)
+  sizes = {n: trained_parameter_count(masks[n], config) for n in names}
+  jaccard = []
+  for a in names:
+    row = []
+    for b in names:
+      both = sum(shared_entry_count(masks[a][k], masks[b][k], parameter_shape(config, k)) for k in masks[a])
+      either = sizes[a] + sizes[b] - both
+      row.append(both / either if either else None)
+    jaccard.append(row)
+  groups: list[list[str]] = []
+  for i, a in enumerate(names):
+    for group in groups:
+      j = names.index(group[0])
+      if jaccard[i][j] == 1.0:
+        group.append(a)
+        break
+    else:
+      groups.append([a])
+  return {"names": names, "trained_parameters": [sizes[n] for n in names], "jaccard": jaccard,
+          "identical": [g for g in groups if len(g) > 1]}
+
+
 def trained_labels(mask: ParamMask) -> list[str]:
   """Labels with at least one trainable entry."""
   return [
