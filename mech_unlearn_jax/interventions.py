@@ -14,7 +14,8 @@ Hooks provided here:
   * `PatchFromBatch`: replaces it with the activation of another batch element.
   * `AddMaskedNoise`: adds `noise * mask` (causal tracing's subject-embedding noise).
 And `with_prefix` (`PrefixedAttention`): run only the suffix columns of a batch
-against cached keys/values of its prefix columns (for runs that share a prefix).
+against cached keys/values of its prefix columns (for runs that share a prefix);
+`with_kv_cache`: a decoding copy whose attention caches keys and values.
 
 Named axes of activations (penzai's vocabulary, see `models/transformer.py`):
 "batch", "seq", "embedding", "projection", "neurons" and the head axes "heads",
@@ -289,6 +290,30 @@ def with_prefix(
     raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {model.config.num_layers}")
   return _map_attention(
       model, lambda attn, i: PrefixedAttention(reading_kv_positions(attn, i), *prefix_kv[i])
+  )
+
+
+CACHE_END_INDEX = "cache_end_index"
+
+
+def with_kv_cache(model: CausalLM, batch_size: int, cache_len: int) -> CausalLM:
+  """A copy of `model` for one-token-at-a-time decoding with a key/value cache.
+
+  Every block's attention becomes penzai's `pz.nn.KVCachingAttention` (its cache a
+  `pz.StateVariable` of `cache_len` columns). Call the copy with the new column(s)
+  only: "batch"/"seq" tokens, `token_positions` = their positions,
+  `kv_token_positions` = positions of all `cache_len` cache columns (-1 where not
+  yet written) and `cache_end_index` = the column the new tokens are written to.
+  """
+  metadata = model.metadata
+  cached_axes = {"batch": batch_size, **metadata.common_head_axes, "projection": metadata.projection_dim}
+  return _map_attention(
+      model,
+      lambda attn, i: pz.nn.KVCachingAttention.from_uncached(
+          reading_kv_positions(attn, i), sequence_axis="seq", cache_len=cache_len,
+          cached_axes=cached_axes, cache_end_index_key=CACHE_END_INDEX,
+          cache_dtype=metadata.activation_dtype, cache_label=f"kv_cache/{i}",
+      ),
   )
 
 

@@ -1,6 +1,7 @@
 """Scoring and retain-text logic on a tiny random model."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,6 +65,22 @@ def test_sampling_is_seeded_and_cached(tiny, tmp_path):
   assert a[0].shape == (3, 6) and (a[0][:, 0] == 2).all() and (a[1] == np.arange(6)).all()
   assert not np.array_equal(a[0], c[0])
   assert len(list(tmp_path.rglob("*.npz"))) == 1
+
+
+def test_kv_cached_sampling_draws_what_full_forwards_draw(tiny):
+  """Each column's token is the categorical draw from a full forward over the prefix."""
+  window, seed, batch = 7, 3, 4
+  tokens, positions = retain.sample_retain_windows(tiny, 2, num_windows=5, window=window, seed=seed, batch_size=batch)
+  assert tokens.shape == (5, window) and (positions == np.arange(window)).all()
+  for start in (0, batch):
+    rows = tokens[start : start + batch]
+    rng = jax.random.fold_in(jax.random.key(seed), start)
+    for col in range(1, window):
+      prefix = np.zeros((batch, col), np.int32)
+      prefix[: len(rows)] = rows[:, :col]
+      logits = forward.last_logits(tiny, prefix, np.broadcast_to(np.arange(col), prefix.shape))
+      drawn = jax.random.categorical(jax.random.fold_in(rng, col - 1), logits.astype(jnp.float32))
+      np.testing.assert_array_equal(np.asarray(drawn)[: len(rows)], rows[:, col], err_msg=f"column {col}")
 
 
 def test_windows_from_texts_rejects_tiny_window():

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import io
 from mech_unlearn_jax.models import forward
 
@@ -68,26 +69,35 @@ def load_text_dataset(source: str, split: str = "train", text_field: str = "text
   return texts
 
 
-@partial(jax.jit, static_argnames=("num_new",))
-def _sample(unbound, params, tokens, positions, rng, num_new: int, temperature: float):
-  """Samples `num_new` tokens into the right part of a fixed buffer.
+@partial(jax.jit, static_argnames=("window",))
+def _sample_cached(unbound, params, cache, bos_id, rng, window: int, temperature: float):
+  """Samples rows of `window` tokens (BOS first) one column at a time with a KV cache.
 
-  Unfilled columns have position -1, so attention ignores them (see
-  `models/transformer.py`); every step reuses one compiled forward pass.
+  `unbound` is a `with_kv_cache` model with parameters and cache unbound; `cache`
+  its frozen (empty) cache. Column i's token is drawn with key fold_in(rng, i - 1).
   """
+  batch = cache[0].value[0].named_shape["batch"]
+  columns = jnp.arange(window, dtype=jnp.int32)
   model = pz.bind_variables(unbound, params)
-  start = tokens.shape[1] - num_new
+  tokens = jnp.zeros((batch, window), jnp.int32).at[:, 0].set(bos_id)
 
   def step(i, carry):
-    tokens, positions = carry
-    col = start + i
-    logits = forward.logits_at(model, tokens, positions, jnp.full((tokens.shape[0], 1), col - 1))[:, 0]
+    tokens, cache = carry
+    decoder = pz.bind_variables(model, cache, unfreeze_as_copy=True)
+    token, position = forward.named_inputs(
+        jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1), jnp.full((batch, 1), i, jnp.int32)
+    )
+    kv_positions = pz.nx.wrap(jnp.broadcast_to(jnp.where(columns <= i, columns, -1), (batch, window)))
+    logits = decoder(
+        token, token_positions=position,
+        **{iv.KV_POSITIONS: kv_positions.tag("batch", "seq"), iv.CACHE_END_INDEX: i},
+    ).untag("batch", "seq", "vocabulary").unwrap()[:, 0]
     nxt = jax.random.categorical(jax.random.fold_in(rng, i), logits.astype(jnp.float32) / temperature)
-    tokens = tokens.at[:, col].set(nxt.astype(tokens.dtype))
-    positions = positions.at[:, col].set(positions[:, col - 1] + 1)
-    return tokens, positions
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None].astype(tokens.dtype), i + 1, axis=1)
+    return tokens, tuple(v.freeze() for v in pz.unbind_state_vars(decoder)[1])
 
-  return jax.lax.fori_loop(0, num_new, step, (tokens, positions))
+  tokens, _ = jax.lax.fori_loop(0, window - 1, step, (tokens, cache))
+  return tokens
 
 
 def sample_retain_windows(
@@ -99,16 +109,21 @@ def sample_retain_windows(
     temperature: float = 1.0,
     batch_size: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Samples `num_windows` sequences of `window` tokens (BOS + window-1) from `model`."""
-  unbound, params = pz.unbind_params(model, freeze=True)
+  """Samples `num_windows` sequences of `window` tokens (BOS + window-1) from `model`.
+
+  Decoding reuses keys and values (`interventions.with_kv_cache`): each new token
+  costs one column of the model, not a forward over the whole window.
+  """
+  if window < 2:
+    raise ValueError(f"retain window must be >= 2 tokens, got {window}")
+  decoder = iv.with_kv_cache(model, batch_size, window)
+  unbound, params = pz.unbind_params(decoder, freeze=True)
+  unbound, cache = pz.unbind_state_vars(unbound, freeze=True)
   rows = []
   for start in range(0, num_windows, batch_size):
     n = min(batch_size, num_windows - start)
-    tokens = np.zeros((batch_size, window), np.int32)
-    positions = np.full((batch_size, window), -1, np.int32)
-    tokens[:, 0], positions[:, 0] = bos_id, 0
     rng = jax.random.fold_in(jax.random.key(seed), start)
-    out, _ = _sample(unbound, params, tokens, positions, rng, window - 1, temperature)
+    out = _sample_cached(unbound, params, cache, bos_id, rng, window, temperature)
     rows.extend(np.asarray(out)[:n].tolist())
   return forward.left_pad(rows, length=window)
 
