@@ -57,34 +57,83 @@ def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
   return max(finite, key=lambda r: r["score"]) if finite else None
 
 
+def sweep_spec(base: experiment.ExperimentSpec) -> experiment.ExperimentSpec:
+  """What a sweep setting runs: `base` scored in the standard format only, no attacks.
+
+  Other formats and the robustness suite are not part of the score (METHOD §3), so
+  computing them for every setting would cost time and tempt nobody honestly.
+  """
+  return dataclasses.replace(
+      base,
+      eval=dataclasses.replace(base.eval, formats=("standard",)),
+      robustness=dataclasses.replace(
+          base.robustness, relearn=False, probes=False, soft_prompt=False, trivia=False, mc_benchmark=""
+      ),
+  )
+
+
+def _setting_dir(workdir: pathlib.Path, lr: float, cf: float) -> pathlib.Path:
+  return workdir / f"lr{lr:g}_cf{cf:g}"
+
+
 def run_sweep(
     base: experiment.ExperimentSpec,
     workdir: str | pathlib.Path,
     learning_rates: Sequence[float],
     forget_coefs: Sequence[float],
+    staged: bool = True,
+    loaded: tuple[Any, Any] | None = None,
 ) -> list[dict[str, Any]]:
-  """Runs every (lr, c_f) combination in its own sub-workdir (each resumable).
+  """Sweeps lr and c_f, each setting a main job in its own sub-workdir (resumable).
 
-  Writes sweep.json ({"rows", "best"}) after every setting. A diverged setting is a
-  row with `error` and score -inf; the sweep goes on.
+  staged (METHOD §3, as the reference tuned): every learning rate at c_f =
+  forget_coefs[0], then every c_f at the best learning rate; otherwise the full
+  product. Settings run `sweep_spec(base)` and share the knowledge filter, the
+  fact-lookup evidence and the unedited model's evaluation (`workdir/shared`), which
+  do not depend on lr or c_f; `loaded` = (model, tokenizer) is loaded once if None.
+  Writes sweep.json ({"rows", "best", "staged"}) after every setting. A diverged
+  setting is a row with `error` and score -inf; the sweep goes on.
 
   Raises:
     ValueError: no setting produced a finite score (after writing sweep.json).
   """
   workdir = pathlib.Path(workdir)
-  rows = []
-  for lr, cf in itertools.product(learning_rates, forget_coefs):
-    spec = dataclasses.replace(base, edit=dataclasses.replace(base.edit, lr=float(lr), forget_coef=float(cf)))
-    sub = workdir / f"lr{lr:g}_cf{cf:g}"
+  spec = sweep_spec(base)
+  shared = experiment.SharedOutputs(
+      knowledge=workdir / "shared" / "knowledge.json",
+      evidence_dir=workdir / "shared" / "evidence",
+      unedited_dir=workdir / "shared" / "unedited",
+  )
+  rows: list[dict[str, Any]] = []
+
+  def run(lr: float, cf: float) -> None:
+    if any(r["lr"] == lr and r["forget_coef"] == cf for r in rows):
+      return
+    setting = dataclasses.replace(spec, edit=dataclasses.replace(spec.edit, lr=float(lr), forget_coef=float(cf)))
     try:
-      results = experiment.run_experiment(spec, sub)
+      results = experiment.run_experiment(setting, _setting_dir(workdir, lr, cf), shared=shared, loaded=loaded)
     except train_lib.NonFiniteError as e:
       rows.append({"lr": lr, "forget_coef": cf, "score": -math.inf, "error": str(e)})
     else:
       rows.append({"lr": lr, "forget_coef": cf, **standard_format_score(results)})
-    io.write_json(workdir / "sweep.json", {"rows": rows})
+    io.write_json(workdir / "sweep.json", {"rows": rows, "staged": staged})
+
+  if loaded is None:
+    from mech_unlearn_jax.models import loaders  # pylint: disable=g-import-not-at-top
+
+    loaded = loaders.load_model_and_tokenizer(spec.model, spec.seed)
+  if staged:
+    for lr in learning_rates:
+      run(lr, forget_coefs[0])
+    best_lr = best_row(rows)
+    if best_lr is not None:
+      for cf in forget_coefs:
+        run(best_lr["lr"], cf)
+  else:
+    for lr, cf in itertools.product(learning_rates, forget_coefs):
+      run(lr, cf)
   best = best_row(rows)
-  io.write_json(workdir / "sweep.json", {"rows": rows, "best": best})
+  io.write_json(workdir / "sweep.json", {"rows": rows, "staged": staged, "best": best})
   if best is None:
     raise ValueError(
         f"{workdir / 'sweep.json'}: no setting of the sweep has a finite score (every edit diverged"

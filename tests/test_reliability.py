@@ -106,7 +106,9 @@ def test_best_row_never_picks_a_non_finite_run():
 
 
 def test_run_sweep_records_diverged_settings_and_picks_a_finite_one(tmp_path, monkeypatch):
-  def fake_run(spec, workdir):
+  def fake_run(spec, workdir, shared=None, loaded=None):
+    assert loaded == ("model", "tokenizer") and shared.knowledge == workdir.parent / "shared" / "knowledge.json"
+    assert spec.eval.formats == ("standard",) and not spec.robustness.any_enabled
     if spec.edit.lr >= 1.0:
       raise train_lib.NonFiniteError("edit step 1: non-finite update_norm", step=1, term="update_norm", metrics={})
     if spec.edit.lr == 0.5:
@@ -115,14 +117,15 @@ def test_run_sweep_records_diverged_settings_and_picks_a_finite_one(tmp_path, mo
 
   monkeypatch.setattr(sweep.experiment, "run_experiment", fake_run)
   base = experiment.ExperimentSpec()
-  rows = sweep.run_sweep(base, tmp_path, [0.1, 0.5, 1.0, 0.2], [1.0])
-  assert [r["lr"] for r in rows] == [0.1, 0.5, 1.0, 0.2]
+  rows = sweep.run_sweep(base, tmp_path, [0.1, 0.5, 1.0, 0.2], [1.0, 3.0], loaded=("model", "tokenizer"))
+  # Staged: every lr at the first c_f, then the other c_f at the best lr.
+  assert [(r["lr"], r["forget_coef"]) for r in rows] == [(0.1, 1.0), (0.5, 1.0), (1.0, 1.0), (0.2, 1.0), (0.1, 3.0)]
   assert "non-finite update_norm" in rows[2]["error"] and rows[2]["score"] == -math.inf
   record = io.read_json(tmp_path / "sweep.json")
   assert record["best"]["lr"] == 0.1
   assert record["rows"][1]["score"] is None  # -inf is written as null
   with pytest.raises(ValueError, match="no setting of the sweep has a finite score"):
-    sweep.run_sweep(base, tmp_path / "all_bad", [0.5, 1.0], [1.0])
+    sweep.run_sweep(base, tmp_path / "all_bad", [0.5, 1.0], [1.0], loaded=("model", "tokenizer"))
   assert io.read_json(tmp_path / "all_bad" / "sweep.json")["best"] is None
 
 

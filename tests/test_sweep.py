@@ -17,3 +17,26 @@ def test_standard_format_score_ignores_other_formats():
   assert abs(score["score"] - (0.4 + 0.9 + 0.9 + 0.8)) < 1e-9
   results["summary"][3]["edited_prob"] = 0.0  # a robustness metric changes: score does not
   assert sweep.standard_format_score(results)["score"] == score["score"]
+
+
+def test_tiny_sweep_shares_stages_and_runs_lr_then_cf(tmp_path):
+  import dataclasses
+
+  from configs import sports_first16
+  from mech_unlearn_jax import experiment, io
+  from mech_unlearn_jax.models import loaders
+
+  base = experiment.ExperimentSpec.from_dict(sports_first16.get_config("tiny").to_dict())
+  base = dataclasses.replace(base, edit=dataclasses.replace(base.edit, steps=2, checkpoint_every=0))
+  loaded = loaders.load_model_and_tokenizer(base.model, base.seed)
+  rows = sweep.run_sweep(base, tmp_path, [1e-3, 1e-2], [1.0, 2.0], loaded=loaded)
+  assert [(r["lr"], r["forget_coef"]) for r in rows][:2] == [(1e-3, 1.0), (1e-2, 1.0)] and len(rows) == 3
+  best_lr = max(rows[:2], key=lambda r: r["score"])["lr"]
+  assert (rows[2]["lr"], rows[2]["forget_coef"]) == (best_lr, 2.0)
+  assert (tmp_path / "shared" / "knowledge.json").is_file()
+  for row in rows:
+    sub = tmp_path / f"lr{row['lr']:g}_cf{row['forget_coef']:g}"
+    results = io.read_json(sub / "results.json")
+    assert {r["format"] for r in results["summary"]} == {"standard"}
+    assert not (sub / "knowledge.json").exists()  # read from the shared folder
+  assert io.read_json(tmp_path / "sweep.json")["best"]["score"] == max(r["score"] for r in rows)
