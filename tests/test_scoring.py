@@ -120,3 +120,17 @@ def test_windows_from_texts_rejects_tiny_window():
   assert tokens.shape == (3, 4) and (tokens[:, 0] == 2).all()
   with pytest.raises(ValueError, match="window"):
     retain.windows_from_texts(Tok(), ["abc"], window=1)
+
+
+def test_soft_prompted_models_are_scored_whole(tiny):
+  from mech_unlearn_jax.train import soft_prompt
+
+  rng = np.random.default_rng(2)
+  seqs = [[2] + [9, 8, 7, 6, 5] + rng.integers(10, 500, size=3).tolist() for _ in range(4)]
+  tokens, positions = forward.left_pad(seqs)
+  batch = dataclasses.replace(_batch(4), tokens_BxL=tokens, positions_BxL=positions,
+                              subject_mask_BxL=np.zeros_like(tokens, bool))
+  prompted = soft_prompt.with_soft_prompt(tiny, jnp.ones((2, tiny.config.embedding_dim)))
+  a = scoring.score_facts(prompted, batch)
+  b = scoring.score_facts(prompted, batch, share_prefix=False)
+  np.testing.assert_allclose(a.logprob_full, b.logprob_full, atol=1e-6)

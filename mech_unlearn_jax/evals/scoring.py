@@ -33,6 +33,7 @@ from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import progress
 from mech_unlearn_jax import sharding
 from mech_unlearn_jax.models import forward
+from mech_unlearn_jax.models.transformer import CausalLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +183,8 @@ def score_facts(
 
   `desc` shows a progress bar over the chunks under that name. share_prefix: run the
   tokens every row starts with (e.g. a few-shot example) once (see above); False
-  runs every row whole.
+  runs every row whole. Only a plain `CausalLM` shares prefixes (a subclass such
+  as a soft-prompted model is always run whole).
   """
   unbound, params = pz.unbind_params(model, freeze=True)
   mesh = sharding.mesh_of((unbound, params))
@@ -190,6 +192,9 @@ def score_facts(
   score = _score_chunk if mesh is None else _replicated_out(_score_chunk_fn, mesh)
   candidates = batch.candidate_ids_BxC
   all_tokens, all_positions = np.asarray(batch.tokens_BxL), np.asarray(batch.positions_BxL)
+  # Only the plain model: subclasses (e.g. a soft prompt inserted after BOS) change
+  # which columns the prefix's keys and values belong to.
+  share_prefix = share_prefix and type(unbound) is CausalLM
   prefix_len = shared_prefix_length(all_tokens, all_positions) if share_prefix else 0
   prefix = None
   if prefix_len >= MIN_SHARED_PREFIX:
