@@ -114,6 +114,20 @@ EIGHT_DEVICES = COMMON + textwrap.dedent("""
       close(s.logprob_full, s1.logprob_full, atol=1e-5)
       close(s.candidate_probs, s1.candidate_probs, atol=1e-5)
       np.testing.assert_array_equal(s.correct_argmax_full, s1.correct_argmax_full)
+    # Rows sharing their first 6 tokens: the prefix runs once, on every mesh too.
+    import dataclasses
+    from mech_unlearn_jax.models import forward
+    rng = np.random.default_rng(7)
+    head = rng.integers(3, CFG.vocab_size, 6).tolist()
+    rows = [head + rng.integers(3, CFG.vocab_size, k).tolist() for k in (1, 3, 2, 4, 2, 3, 1, 2, 3, 1, 2, 4, 1)]
+    pt, pp = forward.left_pad(rows)
+    pbatch = dataclasses.replace(batch, tokens_BxL=pt, positions_BxL=pp, subject_mask_BxL=np.zeros_like(pt, bool))
+    assert scoring.shared_prefix_length(pt, pp) >= 6
+    whole = scoring.score_facts(base, pbatch, chunk_size=16, share_prefix=False)
+    for m in (base, on_a, on_b):
+      s = scoring.score_facts(m, pbatch, chunk_size=16)
+      close(s.logprob_full, whole.logprob_full, atol=1e-4)
+      close(s.candidate_probs, whole.candidate_probs, atol=1e-5)
     t = text(5, 7)
     t1 = scoring.text_metrics(base, t.tokens_BxL, t.positions_BxL, chunk_size=4)
     ta = scoring.text_metrics(on_a, t.tokens_BxL, t.positions_BxL, chunk_size=4)

@@ -1,5 +1,6 @@
 """Scoring and retain-text logic on a tiny random model."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +58,33 @@ def test_text_metrics_and_kl(tiny):
   assert scoring.kl_divergence(tiny, other, tokens, positions) > 1e-3
 
 
+def test_shared_prefix_found_and_split():
+  tokens, positions = forward.left_pad([[2, 7, 8, 9, 5], [2, 7, 8, 9, 6, 1], [2, 7, 8, 4]])
+  assert scoring.shared_prefix_length(tokens, positions) == 3  # [2, 7, 8]: row 3 differs next
+  prefix, suffix, suffix_positions = scoring.split_prefix(tokens, positions, 3, multiple=4)
+  assert prefix.tolist() == [2, 7, 8]
+  assert suffix.tolist() == [[0, 0, 9, 5], [0, 9, 6, 1], [0, 0, 0, 4]]
+  assert suffix_positions.tolist() == [[-1, -1, 3, 4], [-1, 3, 4, 5], [-1, -1, -1, 3]]
+  # Every row keeps at least one token of its own.
+  same, same_positions = forward.left_pad([[2, 7, 8], [2, 7, 8]])
+  assert scoring.shared_prefix_length(same, same_positions) == 2
+
+
+def test_scores_with_a_shared_prefix_match_whole_rows(tiny):
+  rng = np.random.default_rng(1)
+  few_shot = [2] + rng.integers(4, 500, size=9).tolist()
+  seqs = [few_shot + rng.integers(4, 500, size=rng.integers(1, 7)).tolist() for _ in range(5)]
+  tokens, positions = forward.left_pad(seqs, multiple=8)
+  batch = dataclasses.replace(_batch(), tokens_BxL=tokens, positions_BxL=positions,
+                              subject_mask_BxL=np.zeros_like(tokens, bool))
+  assert scoring.shared_prefix_length(tokens, positions) >= 10
+  shared = scoring.score_facts(tiny, batch, chunk_size=2)
+  whole = scoring.score_facts(tiny, batch, chunk_size=2, share_prefix=False)
+  np.testing.assert_allclose(shared.logprob_full, whole.logprob_full, atol=1e-4)
+  np.testing.assert_allclose(shared.candidate_probs, whole.candidate_probs, atol=1e-5)
+  np.testing.assert_array_equal(shared.correct_argmax_full, whole.correct_argmax_full)
+
+
 def test_sampling_is_seeded_and_cached(tiny, tmp_path):
   a = retain.cached_sampled_windows(tiny, "tiny", 2, num_windows=3, window=6, seed=1, cache_dir=tmp_path)
   b = retain.cached_sampled_windows(tiny, "tiny", 2, num_windows=3, window=6, seed=1, cache_dir=tmp_path)
@@ -92,3 +120,17 @@ def test_windows_from_texts_rejects_tiny_window():
   assert tokens.shape == (3, 4) and (tokens[:, 0] == 2).all()
   with pytest.raises(ValueError, match="window"):
     retain.windows_from_texts(Tok(), ["abc"], window=1)
+
+
+def test_soft_prompted_models_are_scored_whole(tiny):
+  from mech_unlearn_jax.train import soft_prompt
+
+  rng = np.random.default_rng(2)
+  seqs = [[2] + [9, 8, 7, 6, 5] + rng.integers(10, 500, size=3).tolist() for _ in range(4)]
+  tokens, positions = forward.left_pad(seqs)
+  batch = dataclasses.replace(_batch(4), tokens_BxL=tokens, positions_BxL=positions,
+                              subject_mask_BxL=np.zeros_like(tokens, bool))
+  prompted = soft_prompt.with_soft_prompt(tiny, jnp.ones((2, tiny.config.embedding_dim)))
+  a = scoring.score_facts(prompted, batch)
+  b = scoring.score_facts(prompted, batch, share_prefix=False)
+  np.testing.assert_allclose(a.logprob_full, b.logprob_full, atol=1e-6)

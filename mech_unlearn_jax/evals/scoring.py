@@ -29,9 +29,11 @@ import numpy as np
 from penzai import pz
 
 from mech_unlearn_jax.batch import FactBatch
+from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import progress
 from mech_unlearn_jax import sharding
 from mech_unlearn_jax.models import forward
+from mech_unlearn_jax.models.transformer import CausalLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,57 @@ def _score_chunk_fn(unbound, params, tokens, positions, candidates):
 _score_chunk = jax.jit(_score_chunk_fn)
 
 
+# Shared prefixes: every sports prompt starts with the same one-shot example ("Fact:
+# Tiger Woods plays the sport of golf\nFact: ", about half its tokens). Its keys and
+# values are computed once per chunk, on one row, and the rows run only their suffixes
+# against them (`interventions.with_prefix`); the logits are those of the full rows up
+# to float rounding.
+
+MIN_SHARED_PREFIX = 4  # shorter prefixes are not worth a second compiled function
+
+
+def shared_prefix_length(tokens_BxL: np.ndarray, positions_BxL: np.ndarray) -> int:
+  """Leading real tokens all rows have in common, leaving every row >= 1 of its own."""
+  lengths = (np.asarray(positions_BxL) >= 0).sum(1)
+  limit = int(lengths.min()) - 1
+  if limit <= 0:
+    return 0
+  starts = tokens_BxL.shape[1] - lengths
+  aligned = np.stack([tokens_BxL[i, s : s + limit] for i, s in enumerate(starts)])
+  differs = np.nonzero((aligned != aligned[:1]).any(0))[0]
+  return int(differs[0]) if differs.size else limit
+
+
+def split_prefix(
+    tokens_BxL: np.ndarray, positions_BxL: np.ndarray, prefix_len: int, multiple: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(prefix_P, suffix tokens_BxS, suffix positions_BxS): the rows without their common
+  first `prefix_len` tokens, left-padded to a multiple of `multiple` columns, with
+  positions continuing from `prefix_len` (-1 on padding)."""
+  lengths = (np.asarray(positions_BxL) >= 0).sum(1)
+  starts = tokens_BxL.shape[1] - lengths
+  prefix = np.asarray(tokens_BxL[0, starts[0] : starts[0] + prefix_len], np.int32)
+  suffixes = [tokens_BxL[i, s + prefix_len :] for i, s in enumerate(starts)]
+  tokens, positions = forward.left_pad(suffixes, multiple=multiple)
+  return prefix, tokens, np.where(positions >= 0, positions + prefix_len, -1).astype(np.int32)
+
+
+def _score_prefixed_chunk_fn(unbound, params, prefix_P, tokens, positions, candidates):
+  model = pz.bind_variables(unbound, params)
+  prefix_len = prefix_P.shape[0]
+  kv = iv.prefix_key_values(model, prefix_P[None], jnp.arange(prefix_len, dtype=jnp.int32)[None])
+  # One row of keys/values without a batch axis: PrefixedAttention broadcasts it.
+  body = iv.with_prefix(model, [(k[{"batch": 0}], v[{"batch": 0}]) for k, v in kv])
+  kv_positions = jnp.concatenate(
+      [jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (tokens.shape[0], prefix_len)), positions], 1
+  )
+  side = {iv.KV_POSITIONS: pz.nx.wrap(kv_positions).tag("batch", "seq")}
+  return scores_from_logits(forward.last_logits(body, tokens, positions, **side), candidates)
+
+
+_score_prefixed_chunk = jax.jit(_score_prefixed_chunk_fn)
+
+
 @functools.lru_cache(maxsize=32)
 def _replicated_out(fn, mesh: jax.sharding.Mesh):
   """`fn` jitted with replicated outputs on `mesh` (readable on every host)."""
@@ -123,26 +176,47 @@ def _bucket(n: int, cap: int, multiple: int = 1) -> int:
   return sharding.padded_size(min(max(size, n), max(cap, n)), multiple)
 
 
-def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64, desc: str | None = None) -> FactScores:
+def score_facts(
+    model: Any, batch: FactBatch, chunk_size: int = 64, desc: str | None = None, share_prefix: bool = True
+) -> FactScores:
   """Scores every example of `batch` at its last position, in jitted chunks.
 
-  `desc` shows a progress bar over the chunks under that name.
+  `desc` shows a progress bar over the chunks under that name. share_prefix: run the
+  tokens every row starts with (e.g. a few-shot example) once (see above); False
+  runs every row whole. Only a plain `CausalLM` shares prefixes (a subclass such
+  as a soft-prompted model is always run whole).
   """
   unbound, params = pz.unbind_params(model, freeze=True)
   mesh = sharding.mesh_of((unbound, params))
   multiple = sharding.data_size(mesh)
   score = _score_chunk if mesh is None else _replicated_out(_score_chunk_fn, mesh)
   candidates = batch.candidate_ids_BxC
+  all_tokens, all_positions = np.asarray(batch.tokens_BxL), np.asarray(batch.positions_BxL)
+  # Only the plain model: subclasses (e.g. a soft prompt inserted after BOS) change
+  # which columns the prefix's keys and values belong to.
+  share_prefix = share_prefix and type(unbound) is CausalLM
+  prefix_len = shared_prefix_length(all_tokens, all_positions) if share_prefix else 0
+  prefix = None
+  if prefix_len >= MIN_SHARED_PREFIX:
+    prefix, all_tokens, all_positions = split_prefix(all_tokens, all_positions, prefix_len)
+    score = _score_prefixed_chunk if mesh is None else _replicated_out(_score_prefixed_chunk_fn, mesh)
+    if mesh is not None:
+      prefix = jax.device_put(prefix, sharding.replicated(mesh))
+  # Chunks of similar length (shortest first), each cut to its own longest row rounded
+  # up to 8 columns: little padding, few compiled shapes. Results are put back in order.
+  lengths = (all_positions >= 0).sum(1)
+  order = np.argsort(lengths, kind="stable")
   outs = []
   starts = range(0, batch.size, chunk_size)
   if desc:
     starts = progress.bar(starts, desc=desc, unit="chunk")
   for start in starts:
-    stop = min(start + chunk_size, batch.size)
-    tokens = batch.tokens_BxL[start:stop]
-    positions = batch.positions_BxL[start:stop]
-    cands = candidates[start:stop]
-    n = stop - start
+    rows = order[start : start + chunk_size]
+    width = min(all_tokens.shape[1], -(-int(lengths[rows].max()) // 8) * 8)
+    tokens = all_tokens[rows, -width:]
+    positions = all_positions[rows, -width:]
+    cands = candidates[rows]
+    n = len(rows)
     pad = _bucket(n, chunk_size, multiple) - n
     if pad:
       # Repeat the last row so the padded chunk reuses a compiled shape.
@@ -151,9 +225,11 @@ def score_facts(model: Any, batch: FactBatch, chunk_size: int = 64, desc: str | 
       cands = np.concatenate([cands, np.repeat(cands[-1:], pad, 0)])
     if mesh is not None:
       tokens, positions, cands = sharding.shard_batch((tokens, positions, cands), mesh)
-    out = score(unbound, params, tokens, positions, cands)
+    args = (tokens, positions, cands) if prefix is None else (prefix, tokens, positions, cands)
+    out = score(unbound, params, *args)
     outs.append(jax.tree.map(lambda x: np.asarray(x)[:n], out))
-  merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  inverse = np.argsort(order, kind="stable")
+  merged = {k: np.concatenate([o[k] for o in outs])[inverse] for k in outs[0]}
   return FactScores(
       logprob_full=merged["logprob_full"],
       prob_full=np.exp(merged["logprob_full"]),
