@@ -2,6 +2,7 @@
 
   python -m benchmarks.edit                # both cases, each in its own subprocess
   python -m benchmarks.edit --case=mlps    # one case in this process
+  python -m benchmarks.edit --compute_dtypes=float32,bfloat16   # bf16 against fp32, same run
 
 Fixed workload per optimizer step: 32 sports facts in the standard one-shot prompt
 (CE toward the edit target at the last token, full vocabulary) plus 8 retain windows
@@ -45,6 +46,10 @@ _CASE = flags.DEFINE_enum("case", None, ["mlps", "blocks"], "Run one case here; 
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the compile step (best is reported).")
 _MODEL = flags.DEFINE_string("model", "default", "Model spec for `load_model`.")
 _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "EditConfig.compute_dtype of --case.")
+_DTYPES = flags.DEFINE_list(
+    "compute_dtypes", ["float32"], "Without --case: run every case in each of these compute dtypes (ratios printed)."
+)
 
 PROMPT = "Fact: Tiger Woods plays the sport of golf\nFact: {} plays the sport of"
 NUM_FACTS, NUM_WINDOWS, WINDOW = 32, 8, 46
@@ -172,7 +177,7 @@ def run_case(case: str) -> dict[str, float]:
   retain = train_lib.TextBatch(tokens, np.tile(np.arange(WINDOW, dtype=np.int32), (NUM_WINDOWS, 1)))
   config = train_lib.EditConfig(
       steps=50, lr=1e-5, forget_batch_size=NUM_FACTS, retain_batch_size=NUM_WINDOWS,
-      num_microbatches=_MICRO.value,
+      num_microbatches=_MICRO.value, compute_dtype=_DTYPE.value,
   )
   batch = train_lib.split_microbatches(
       train_lib.EditBatch(forget=forget, retain=retain), config.num_microbatches
@@ -232,6 +237,7 @@ def run_case(case: str) -> dict[str, float]:
   flops = step_flops(model_config, mask, fact_lengths, [WINDOW] * NUM_WINDOWS)
   return {
       "case": case,
+      "compute_dtype": _DTYPE.value,
       "microbatches": _MICRO.value,
       "trained_params": int(sum(np.prod(x.shape) for x in state.params.values())),
       "fact_prompt_tokens_padded": int(forget.tokens_BxL.shape[1]),
@@ -263,14 +269,15 @@ def main(argv):
     print("RESULT " + json.dumps(run_case(_CASE.value)), flush=True)
     return
   results = []
-  for case, micro in (("mlps", _MICRO.value), ("mlps", 2), ("blocks", _MICRO.value)):
-    cmd = [sys.executable, "-m", "benchmarks.edit", f"--case={case}", f"--steps={_STEPS.value}",
-           f"--model={_MODEL.value}", f"--microbatches={micro}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode or not lines:
-      sys.exit(f"case {case} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    results.append(json.loads(lines[-1][len("RESULT "):]))
+  for dtype in _DTYPES.value:
+    for case, micro in (("mlps", _MICRO.value), ("mlps", 2), ("blocks", _MICRO.value)):
+      cmd = [sys.executable, "-m", "benchmarks.edit", f"--case={case}", f"--steps={_STEPS.value}",
+             f"--model={_MODEL.value}", f"--microbatches={micro}", f"--compute_dtype={dtype}"]
+      out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
+      lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+      if out.returncode or not lines:
+        sys.exit(f"case {case} ({dtype}) failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+      results.append(json.loads(lines[-1][len("RESULT "):]))
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
   keys = list(results[0])
   width = max(len(k) for k in keys)
@@ -278,10 +285,16 @@ def main(argv):
     row = [r[key] for r in results]
     cells = [f"{v:>12.4g}" if isinstance(v, float) else f"{v!s:>12}" for v in row]
     print(f"{key:<{width}} " + " ".join(cells))
-  a, _, b = results
-  print(f"mlps/blocks: step CPU time {a['step_cpu_s_best'] / b['step_cpu_s_best']:.2f}x,"
-        f" step wall time {a['step_s_best'] / b['step_s_best']:.2f}x,"
-        f" optimizer state {a['opt_state_mb'] / b['opt_state_mb']:.3f}x")
+  for i in range(0, len(results), 3):
+    a, _, b = results[i : i + 3]
+    print(f"{a['compute_dtype']} mlps/blocks: step CPU time {a['step_cpu_s_best'] / b['step_cpu_s_best']:.2f}x,"
+          f" step wall time {a['step_s_best'] / b['step_s_best']:.2f}x,"
+          f" optimizer state {a['opt_state_mb'] / b['opt_state_mb']:.3f}x")
+  if len(results) >= 6:
+    for j, name in ((0, "mlps"), (2, "blocks")):
+      f32, other = results[j], results[3 + j]
+      print(f"{name}: {other['compute_dtype']}/{f32['compute_dtype']} step CPU time"
+            f" {other['step_cpu_s_best'] / f32['step_cpu_s_best']:.2f}x, loss {f32['loss']:.4f} -> {other['loss']:.4f}")
 
 
 if __name__ == "__main__":
