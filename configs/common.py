@@ -69,20 +69,34 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def use_reference_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The reference's edit budget (METHOD §3): 50 steps of 64 examples per term, in 4
+  accumulated micro-batches of 16 (same gradient, a quarter of the activations)."""
+  c.edit.steps = 50
+  c.edit.forget_batch_size = c.edit.maintain_batch_size = c.edit.retain_batch_size = 64
+  c.edit.num_microbatches = 4
+  return c
+
+
+VARIANTS = ("tiny", "reference_budget")
+
+
 def from_arg(arg: str | None, task: str, split: str) -> ml_collections.ConfigDict:
   """Builds a config from a `--config=file.py:ARG` argument.
 
   ARG is a comma-separated list: an optional localization method (default
-  fact_lookup) and optionally "tiny", e.g. "ap", "tiny", "random_mlps,tiny".
+  fact_lookup) and optionally the variants "reference_budget" (`use_reference_budget`)
+  and "tiny", e.g. "ap", "tiny", "random_mlps,tiny", "nonlocalized,reference_budget".
   """
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  tiny = "tiny" in parts
-  methods = [p for p in parts if p != "tiny"]
+  methods = [p for p in parts if p not in VARIANTS]
   unknown = [m for m in methods if m not in METHODS]
   if unknown or len(methods) > 1:
-    raise ValueError(f"config argument {arg!r}: expected at most one of {METHODS} and/or 'tiny'")
+    raise ValueError(f"config argument {arg!r}: expected at most one of {METHODS} and/or {VARIANTS}")
   c = base_config(task=task, split=split, method=methods[0] if methods else "fact_lookup")
-  return make_tiny(c) if tiny else c
+  if "reference_budget" in parts:
+    use_reference_budget(c)
+  return make_tiny(c) if "tiny" in parts else c
 
 
 def use_counterfact_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

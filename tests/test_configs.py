@@ -41,6 +41,18 @@ def test_every_method_config(method):
   assert spec.localize.method == method
 
 
+def test_reference_budget_variant_and_method_families():
+  from mech_unlearn_jax.localize import select
+
+  module = importlib.import_module("configs.sports_first16")
+  spec = experiment.ExperimentSpec.from_dict(module.get_config("nonlocalized,reference_budget").to_dict())
+  assert (spec.localize.method, spec.edit.steps, spec.edit.num_microbatches) == ("nonlocalized", 50, 4)
+  assert spec.edit.forget_batch_size == spec.edit.maintain_batch_size == spec.edit.retain_batch_size == 64
+  with pytest.raises(ValueError, match="reference_budget"):
+    module.get_config("ap,fact_lookup")
+  assert {select.FAMILY_OF[m] for m in ("fact_lookup", "ap", "nonlocalized")} == set(select.METHOD_FAMILIES)
+
+
 def _leaves(d, prefix=""):
   for k, v in d.items():
     if isinstance(v, dict):

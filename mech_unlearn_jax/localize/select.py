@@ -44,6 +44,17 @@ METHODS = (
 )
 OUTPUT_TRACING = ("ap", "ct", "ap_mlps", "ct_mlps")
 
+# Tuning families (METHOD §3: lr then c_f swept per family, one representative each,
+# standard-format metrics only): whole MLPs at the fact-lookup budget; components chosen
+# by output tracing (and their random control) at that budget; whole-model-scale masks.
+METHOD_FAMILIES = {
+    "fact_lookup": ("fact_lookup", "random_mlps", "late_mlps"),
+    "output_tracing": ("ap", "ct", "ap_mlps", "ct_mlps", "random"),
+    "nonlocalized": ("all_mlps", "nonlocalized"),
+}
+FAMILY_OF = {method: family for family, members in METHOD_FAMILIES.items() for method in members}
+assert sorted(FAMILY_OF) == sorted(METHODS), "every method belongs to one tuning family"
+
 # AP sites whose scores sum into a unit in the reference's unit mode: a head's q, k,
 # v and output and an MLP's input and output (METHOD §2). "per_matrix" mode uses the
 # site standing for each weight matrix instead.
