@@ -162,6 +162,10 @@ def parameter_shape(config: Layout, label: str) -> tuple[int, ...]:
   return tuple(size for _, size in shapes[label])
 
 
+def _positional_shapes(config: Layout) -> dict[str, tuple[int, ...]]:
+  return {label: tuple(size for _, size in named) for label, named in _named_shapes(config).items()}
+
+
 def unit_parameter_count(config: Layout, unit: Unit) -> int:
   """Number of weights in a unit (attention: q,k,v,o; MLP: gate, up, down)."""
   return sum(int(np.prod(parameter_shape(config, label))) for label in unit.labels)
@@ -338,7 +342,8 @@ def entry_count(value: bool | np.ndarray, shape: Sequence[int]) -> int:
 def trained_parameter_count(mask: ParamMask, config: Layout) -> int:
   """Number of individual weights the mask lets change."""
   validate_mask(mask, config)
-  return sum(entry_count(v, parameter_shape(config, k)) for k, v in mask.items())
+  shapes = _positional_shapes(config)
+  return sum(entry_count(v, shapes[k]) for k, v in mask.items())
 
 
 def shared_entry_count(a: bool | np.ndarray, b: bool | np.ndarray, shape: Sequence[int]) -> int:
@@ -361,9 +366,10 @@ def mask_overlap(selected: ParamMask, truth: ParamMask, config: Layout) -> dict[
   """
   validate_mask(selected, config)
   validate_mask(truth, config)
+  shapes = _positional_shapes(config)
   n_sel = n_true = n_both = 0
   for label in selected:
-    shape = parameter_shape(config, label)
+    shape = shapes[label]
     n_sel += entry_count(selected[label], shape)
     n_true += entry_count(truth[label], shape)
     n_both += shared_entry_count(selected[label], truth[label], shape)
@@ -385,12 +391,13 @@ def mask_coincidence(masks: Mapping[str, ParamMask], config: Layout) -> dict[str
   names = list(masks)
   for name in names:
     validate_mask(masks[name], config)
-  sizes = {n: trained_parameter_count(masks[n], config) for n in names}
+  shapes = _positional_shapes(config)  # once: a model's shapes come from walking its tree
+  sizes = {n: sum(entry_count(v, shapes[k]) for k, v in masks[n].items()) for n in names}
   jaccard = []
   for a in names:
     row = []
     for b in names:
-      both = sum(shared_entry_count(masks[a][k], masks[b][k], parameter_shape(config, k)) for k in masks[a])
+      both = sum(shared_entry_count(masks[a][k], masks[b][k], shapes[k]) for k in masks[a])
       either = sizes[a] + sizes[b] - both
       row.append(both / either if either else None)
     jaccard.append(row)
