@@ -35,6 +35,11 @@ class FactBatch:
     wrong_ids_BxK: other candidate answers (for logit differences and normalized
       probabilities); -1 where a row has fewer than K.
     subject_mask_BxL: True on the tokens of the prompt's subject.
+    prefix_BxP: None, or the P tokens every row starts with (the same in every row;
+      one copy per row so the field splits along the batch axis like the others).
+      Then tokens/positions/subject mask hold only the rest of each row, its positions
+      continuing from P (`share_prefix`; subject tokens inside the prefix are not
+      marked there).
   """
 
   tokens_BxL: np.ndarray
@@ -42,6 +47,7 @@ class FactBatch:
   answer_ids_B: np.ndarray
   wrong_ids_BxK: np.ndarray
   subject_mask_BxL: np.ndarray
+  prefix_BxP: np.ndarray | None = None
 
   @property
   def size(self) -> int:
@@ -134,4 +140,59 @@ def make_fact_batch(
       answer_ids_B=np.asarray(answer_ids, dtype=np.int32),
       wrong_ids_BxK=wrong,
       subject_mask_BxL=subject_mask,
+  )
+
+
+# Prefixes shorter than this are not worth a separate compiled function.
+MIN_SHARED_PREFIX = 4
+
+
+def shared_prefix_length(tokens_BxL: np.ndarray, positions_BxL: np.ndarray) -> int:
+  """Leading real tokens all rows have in common, leaving every row >= 1 of its own."""
+  tokens_BxL = np.asarray(tokens_BxL)
+  lengths = (np.asarray(positions_BxL) >= 0).sum(1)
+  limit = int(lengths.min()) - 1
+  if limit <= 0:
+    return 0
+  starts = tokens_BxL.shape[1] - lengths
+  aligned = np.stack([tokens_BxL[i, s : s + limit] for i, s in enumerate(starts)])
+  differs = np.nonzero((aligned != aligned[:1]).any(0))[0]
+  return int(differs[0]) if differs.size else limit
+
+
+def split_prefix(
+    tokens_BxL: np.ndarray, positions_BxL: np.ndarray, prefix_len: int, multiple: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(prefix_P, suffix tokens_BxS, suffix positions_BxS): the rows without their common
+  first `prefix_len` tokens, left-padded to a multiple of `multiple` columns, with
+  positions continuing from `prefix_len` (-1 on padding)."""
+  tokens_BxL = np.asarray(tokens_BxL)
+  lengths = (np.asarray(positions_BxL) >= 0).sum(1)
+  starts = tokens_BxL.shape[1] - lengths
+  prefix = np.asarray(tokens_BxL[0, starts[0] : starts[0] + prefix_len], np.int32)
+  suffixes = [tokens_BxL[i, s + prefix_len :] for i, s in enumerate(starts)]
+  tokens, positions = left_pad(suffixes, multiple=multiple)
+  return prefix, tokens, np.where(positions >= 0, positions + prefix_len, -1).astype(np.int32)
+
+
+def share_prefix(batch: FactBatch, multiple: int = 8) -> FactBatch:
+  """`batch` with the tokens all its rows start with moved to `prefix_BxP` (see
+  `FactBatch`); unchanged when they share fewer than `MIN_SHARED_PREFIX` tokens or
+  already have a prefix."""
+  if batch.prefix_BxP is not None:
+    return batch
+  tokens, positions = np.asarray(batch.tokens_BxL), np.asarray(batch.positions_BxL)
+  prefix_len = shared_prefix_length(tokens, positions)
+  if prefix_len < MIN_SHARED_PREFIX:
+    return batch
+  prefix, suffix, suffix_positions = split_prefix(tokens, positions, prefix_len, multiple)
+  lengths = (positions >= 0).sum(1)
+  subject = np.zeros(suffix.shape, bool)
+  for row, n in enumerate(lengths):
+    # The row's own tokens, now right-aligned in the narrower suffix array.
+    own = n - prefix_len
+    subject[row, suffix.shape[1] - own :] = np.asarray(batch.subject_mask_BxL)[row, tokens.shape[1] - own :]
+  return dataclasses.replace(
+      batch, tokens_BxL=suffix, positions_BxL=suffix_positions, subject_mask_BxL=subject,
+      prefix_BxP=np.broadcast_to(prefix, (batch.size, prefix_len)).copy(),
   )

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from penzai import pz
 from penzai.models.transformer import model_parts
 
+from mech_unlearn_jax.models import forward as forward_lib
 from mech_unlearn_jax.models.forward import named_inputs
 from mech_unlearn_jax.models.transformer import CausalLM
 
@@ -290,6 +291,29 @@ def with_prefix(
     raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model {model.config.num_layers}")
   return _map_attention(
       model, lambda attn, i: PrefixedAttention(reading_kv_positions(attn, i), *prefix_kv[i])
+  )
+
+
+def last_logits_with_prefix(model: CausalLM, prefix_P, tokens_BxS, positions_BxS) -> jax.Array:
+  """Last-column logits [B, V] of rows that all start with the tokens `prefix_P`.
+
+  `tokens_BxS` / `positions_BxS` hold the rest of each row (left-padded, positions
+  continuing from P). The prefix runs once, on one row; its keys and values (which
+  depend on the model's weights, so gradients flow through them) serve every row.
+  Equal to the logits of the whole rows up to float rounding.
+  """
+  prefix_P = jnp.asarray(prefix_P, jnp.int32)
+  prefix_len = prefix_P.shape[0]
+  kv = prefix_key_values(model, prefix_P[None], jnp.arange(prefix_len, dtype=jnp.int32)[None])
+  # One row of keys/values without a batch axis: PrefixedAttention broadcasts it.
+  body = with_prefix(model, [(k[{"batch": 0}], v[{"batch": 0}]) for k, v in kv])
+  positions_BxS = jnp.asarray(positions_BxS)
+  kv_positions = jnp.concatenate(
+      [jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (positions_BxS.shape[0], prefix_len)), positions_BxS],
+      1,
+  )
+  return forward_lib.last_logits(
+      body, tokens_BxS, positions_BxS, **{KV_POSITIONS: pz.nx.wrap(kv_positions).tag("batch", "seq")}
   )
 
 

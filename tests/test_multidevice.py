@@ -94,6 +94,7 @@ EIGHT_DEVICES = COMMON + textwrap.dedent("""
     import tempfile
     from jax.sharding import NamedSharding
     from mech_unlearn_jax.evals import scoring
+    from mech_unlearn_jax import batch as batch_lib
     from mech_unlearn_jax.localize import attribution_patching as ap, causal_tracing as ct
 
     assert len(jax.devices()) == 8, jax.devices()
@@ -122,7 +123,7 @@ EIGHT_DEVICES = COMMON + textwrap.dedent("""
     rows = [head + rng.integers(3, CFG.vocab_size, k).tolist() for k in (1, 3, 2, 4, 2, 3, 1, 2, 3, 1, 2, 4, 1)]
     pt, pp = forward.left_pad(rows)
     pbatch = dataclasses.replace(batch, tokens_BxL=pt, positions_BxL=pp, subject_mask_BxL=np.zeros_like(pt, bool))
-    assert scoring.shared_prefix_length(pt, pp) >= 6
+    assert batch_lib.shared_prefix_length(pt, pp) >= 6
     whole = scoring.score_facts(base, pbatch, chunk_size=16, share_prefix=False)
     for m in (base, on_a, on_b):
       s = scoring.score_facts(m, pbatch, chunk_size=16)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mech_unlearn_jax import batch as batch_lib
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.data import retain
 from mech_unlearn_jax.evals import scoring
@@ -60,14 +61,14 @@ def test_text_metrics_and_kl(tiny):
 
 def test_shared_prefix_found_and_split():
   tokens, positions = forward.left_pad([[2, 7, 8, 9, 5], [2, 7, 8, 9, 6, 1], [2, 7, 8, 4]])
-  assert scoring.shared_prefix_length(tokens, positions) == 3  # [2, 7, 8]: row 3 differs next
-  prefix, suffix, suffix_positions = scoring.split_prefix(tokens, positions, 3, multiple=4)
+  assert batch_lib.shared_prefix_length(tokens, positions) == 3  # [2, 7, 8]: row 3 differs next
+  prefix, suffix, suffix_positions = batch_lib.split_prefix(tokens, positions, 3, multiple=4)
   assert prefix.tolist() == [2, 7, 8]
   assert suffix.tolist() == [[0, 0, 9, 5], [0, 9, 6, 1], [0, 0, 0, 4]]
   assert suffix_positions.tolist() == [[-1, -1, 3, 4], [-1, 3, 4, 5], [-1, -1, -1, 3]]
   # Every row keeps at least one token of its own.
   same, same_positions = forward.left_pad([[2, 7, 8], [2, 7, 8]])
-  assert scoring.shared_prefix_length(same, same_positions) == 2
+  assert batch_lib.shared_prefix_length(same, same_positions) == 2
 
 
 def test_scores_with_a_shared_prefix_match_whole_rows(tiny):
@@ -77,7 +78,7 @@ def test_scores_with_a_shared_prefix_match_whole_rows(tiny):
   tokens, positions = forward.left_pad(seqs, multiple=8)
   batch = dataclasses.replace(_batch(), tokens_BxL=tokens, positions_BxL=positions,
                               subject_mask_BxL=np.zeros_like(tokens, bool))
-  assert scoring.shared_prefix_length(tokens, positions) >= 10
+  assert batch_lib.shared_prefix_length(tokens, positions) >= 10
   shared = scoring.score_facts(tiny, batch, chunk_size=2)
   whole = scoring.score_facts(tiny, batch, chunk_size=2, share_prefix=False)
   np.testing.assert_allclose(shared.logprob_full, whole.logprob_full, atol=1e-4)

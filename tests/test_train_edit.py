@@ -320,3 +320,45 @@ def test_mask_trainable_computes_the_same_logits(tiny_model):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   lookups = pz.select(trainable.unbound).at_instances_of(transformer.TokenEmbeddingLookup).count()
   assert lookups == 1
+
+
+def prefixed_facts(seed: int, n: int, prefix_len: int = 6) -> FactBatch:
+  """Random facts that all start with the same `prefix_len` tokens, of ragged lengths."""
+  rng = np.random.default_rng(seed)
+  head = [2] + rng.integers(3, VOCAB, prefix_len - 1).tolist()
+  rows = [head + rng.integers(3, VOCAB, int(k)).tolist() for k in rng.integers(2, 6, n)]
+  tokens, positions = forward.left_pad(rows, multiple=4)
+  subject = np.zeros_like(tokens, bool)
+  subject[:, -2] = True
+  return FactBatch(
+      tokens_BxL=tokens, positions_BxL=positions, answer_ids_B=rng.integers(3, VOCAB, n).astype(np.int32),
+      wrong_ids_BxK=np.full((n, 1), -1, np.int32), subject_mask_BxL=subject,
+  )
+
+
+def test_shared_prefix_gives_the_gradients_of_whole_rows(tiny_model, data):
+  from mech_unlearn_jax import batch as batch_lib
+
+  forget, maintain = prefixed_facts(4, 8), prefixed_facts(5, 8)
+  shared = batch_lib.share_prefix(forget)
+  assert shared.prefix_BxP.shape == (8, 6) and shared.tokens_BxL.shape[1] < forget.tokens_BxL.shape[1]
+  assert (shared.subject_mask_BxL.sum(1) == 1).all()  # the subject token moved with its row
+  config = train_lib.EditConfig(forget_loss="inject")
+  loss_fn = train_lib.EditLoss(config)
+  # Attention of layer 0 and an MLP trainable: the prefix's keys and values depend on them.
+  mask = {label: (label.startswith("transformer/block_0/attention/") and "norm" not in label) or "block_1/mlp/" in label
+          for label in transformer.parameter_shapes(TINY)}
+  params, trainable, _ = train_lib.mask_trainable(tiny_model, mask)
+  whole = train_lib.EditBatch(forget=forget, maintain=maintain, retain=data.retain)
+  prefixed = train_lib.EditBatch(forget=shared, maintain=batch_lib.share_prefix(maintain), retain=data.retain)
+  g_whole, m_whole = _grads(params, trainable, train_lib.split_microbatches(whole, 2), loss_fn)
+  g_pref, m_pref = _grads(params, trainable, train_lib.split_microbatches(prefixed, 2), loss_fn)
+  for label in params:
+    scale = float(jnp.abs(g_whole[label]).max())
+    assert scale > 0, label
+    np.testing.assert_allclose(g_pref[label], g_whole[label], rtol=1e-4, atol=1e-5 * scale, err_msg=label)
+  np.testing.assert_allclose(m_pref["loss"], m_whole["loss"], rtol=1e-5)
+  # The loop shares prefixes for plain models and EditLoss only.
+  drawn = train_lib.make_batch_fn(train_lib.EditData(forget=forget), config, share_prefix=True)(0)
+  assert drawn.forget.prefix_BxP is not None
+  assert train_lib.make_batch_fn(train_lib.EditData(forget=forget), config)(0).forget.prefix_BxP is None

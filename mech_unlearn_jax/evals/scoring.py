@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import batch as batch_lib
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import progress
@@ -112,46 +113,9 @@ _score_chunk = jax.jit(_score_chunk_fn)
 # against them (`interventions.with_prefix`); the logits are those of the full rows up
 # to float rounding.
 
-MIN_SHARED_PREFIX = 4  # shorter prefixes are not worth a second compiled function
-
-
-def shared_prefix_length(tokens_BxL: np.ndarray, positions_BxL: np.ndarray) -> int:
-  """Leading real tokens all rows have in common, leaving every row >= 1 of its own."""
-  lengths = (np.asarray(positions_BxL) >= 0).sum(1)
-  limit = int(lengths.min()) - 1
-  if limit <= 0:
-    return 0
-  starts = tokens_BxL.shape[1] - lengths
-  aligned = np.stack([tokens_BxL[i, s : s + limit] for i, s in enumerate(starts)])
-  differs = np.nonzero((aligned != aligned[:1]).any(0))[0]
-  return int(differs[0]) if differs.size else limit
-
-
-def split_prefix(
-    tokens_BxL: np.ndarray, positions_BxL: np.ndarray, prefix_len: int, multiple: int = 8
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(prefix_P, suffix tokens_BxS, suffix positions_BxS): the rows without their common
-  first `prefix_len` tokens, left-padded to a multiple of `multiple` columns, with
-  positions continuing from `prefix_len` (-1 on padding)."""
-  lengths = (np.asarray(positions_BxL) >= 0).sum(1)
-  starts = tokens_BxL.shape[1] - lengths
-  prefix = np.asarray(tokens_BxL[0, starts[0] : starts[0] + prefix_len], np.int32)
-  suffixes = [tokens_BxL[i, s + prefix_len :] for i, s in enumerate(starts)]
-  tokens, positions = forward.left_pad(suffixes, multiple=multiple)
-  return prefix, tokens, np.where(positions >= 0, positions + prefix_len, -1).astype(np.int32)
-
-
 def _score_prefixed_chunk_fn(unbound, params, prefix_P, tokens, positions, candidates):
   model = pz.bind_variables(unbound, params)
-  prefix_len = prefix_P.shape[0]
-  kv = iv.prefix_key_values(model, prefix_P[None], jnp.arange(prefix_len, dtype=jnp.int32)[None])
-  # One row of keys/values without a batch axis: PrefixedAttention broadcasts it.
-  body = iv.with_prefix(model, [(k[{"batch": 0}], v[{"batch": 0}]) for k, v in kv])
-  kv_positions = jnp.concatenate(
-      [jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (tokens.shape[0], prefix_len)), positions], 1
-  )
-  side = {iv.KV_POSITIONS: pz.nx.wrap(kv_positions).tag("batch", "seq")}
-  return scores_from_logits(forward.last_logits(body, tokens, positions, **side), candidates)
+  return scores_from_logits(iv.last_logits_with_prefix(model, prefix_P, tokens, positions), candidates)
 
 
 _score_prefixed_chunk = jax.jit(_score_prefixed_chunk_fn)
@@ -195,10 +159,10 @@ def score_facts(
   # Only the plain model: subclasses (e.g. a soft prompt inserted after BOS) change
   # which columns the prefix's keys and values belong to.
   share_prefix = share_prefix and type(unbound) is CausalLM
-  prefix_len = shared_prefix_length(all_tokens, all_positions) if share_prefix else 0
+  prefix_len = batch_lib.shared_prefix_length(all_tokens, all_positions) if share_prefix else 0
   prefix = None
-  if prefix_len >= MIN_SHARED_PREFIX:
-    prefix, all_tokens, all_positions = split_prefix(all_tokens, all_positions, prefix_len)
+  if prefix_len >= batch_lib.MIN_SHARED_PREFIX:
+    prefix, all_tokens, all_positions = batch_lib.split_prefix(all_tokens, all_positions, prefix_len)
     score = _score_prefixed_chunk if mesh is None else _replicated_out(_score_prefixed_chunk_fn, mesh)
     if mesh is not None:
       prefix = jax.device_put(prefix, sharding.replicated(mesh))

@@ -41,6 +41,7 @@ import numpy as np
 
 from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
+from mech_unlearn_jax.batch import share_prefix as share_prefix_of
 from mech_unlearn_jax.models.transformer import CausalLM
 from mech_unlearn_jax.train import checkpoint as ckpt
 from mech_unlearn_jax.train.losses import EditBatch, EditLoss, TextBatch
@@ -107,8 +108,18 @@ def _epoch_permutation(seed: int, term: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, term, epoch]).permutation(n)
 
 
-def make_batch_fn(data: EditData, config: EditConfig) -> Callable[[int], EditBatch]:
-  """step -> EditBatch ([M, b, ...] leaves); batch sizes are clamped to pool sizes."""
+def make_batch_fn(data: EditData, config: EditConfig, share_prefix: bool = False) -> Callable[[int], EditBatch]:
+  """step -> EditBatch ([M, b, ...] leaves); batch sizes are clamped to pool sizes.
+
+  share_prefix: the tokens every fact of a pool starts with (e.g. the one-shot
+  example) go into `FactBatch.prefix_BxP`, found once per pool so every step has the
+  same shapes; only for losses with `supports_shared_prefix` on plain models.
+  """
+  if share_prefix:
+    data = dataclasses.replace(
+        data, **{name: share_prefix_of(getattr(data, name)) for name in ("forget", "maintain")
+                 if getattr(data, name) is not None}
+    )
   sizes = {}
   for term, name in enumerate(("forget", "maintain", "retain")):
     pool = getattr(data, name)
@@ -173,7 +184,8 @@ def _pad_micro_batches(batch: Any, multiple: int) -> Any:
     fills = _PAD_FILLS[type(part)]
     size = sharding.padded_size(np.shape(jax.tree.leaves(part)[0])[1], multiple)
     parts[name] = type(part)(**{
-        f.name: sharding.pad_rows(getattr(part, f.name), size, axis=1, fill=fills.get(f.name))
+        f.name: None if getattr(part, f.name) is None
+        else sharding.pad_rows(getattr(part, f.name), size, axis=1, fill=fills.get(f.name))
         for f in dataclasses.fields(part)
     })
   return EditBatch(**parts)
@@ -301,7 +313,10 @@ def train(
     checkpoint.CheckpointMismatchError: `checkpoint_dir` holds another run.
   """
   loss_fn = loss_fn or EditLoss(config)
-  batch_fn = data if callable(data) else make_batch_fn(data, config)
+  # A shared prefix needs a loss that runs it and the plain model (a soft prompt
+  # inserts columns after BOS).
+  share = getattr(loss_fn, "supports_shared_prefix", False) and type(trainable.bind(params)) is CausalLM
+  batch_fn = data if callable(data) else make_batch_fn(data, config, share_prefix=share)
   run_meta = ckpt.run_metadata(config, trainable, params, meta)
   mesh = mesh if mesh is not None else sharding.mesh_of((params, trainable))
   if not sharding.is_multi_device(mesh):

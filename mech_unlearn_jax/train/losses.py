@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import forward
+from mech_unlearn_jax.models.transformer import CausalLM
 from mech_unlearn_jax.train.step import EditConfig
 
 
@@ -150,6 +153,18 @@ def lm_token_count(positions_BxL) -> jax.Array:
 
 
 
+def fact_last_logits(model: Any, facts: FactBatch) -> jax.Array:
+  """Logits [B, V] at each fact's last column, running a shared prefix once if present."""
+  if facts.prefix_BxP is None:
+    return forward.last_logits(model, facts.tokens_BxL, facts.positions_BxL)
+  if type(model) is not CausalLM:
+    raise ValueError(
+        f"a {type(model).__name__} cannot run fact batches with a shared prefix (it changes the"
+        " columns the prefix belongs to); draw batches with make_batch_fn(..., share_prefix=False)"
+    )
+  return iv.last_logits_with_prefix(model, facts.prefix_BxP[0], facts.tokens_BxL, facts.positions_BxL)
+
+
 @dataclasses.dataclass(frozen=True)
 class EditLoss:
   """L = c_f * forget + c_m * maintain + c_r * retain on `trainable.bind(params)`.
@@ -161,6 +176,9 @@ class EditLoss:
   """
 
   config: EditConfig
+  # Fact batches may carry a shared prefix (`batch.share_prefix`): run once per
+  # micro-batch against every row (`make_batch_fn(..., share_prefix=True)`).
+  supports_shared_prefix = True
 
   def normalizers(self, batch: EditBatch) -> dict[str, jax.Array]:
     """Whole-step example counts (facts) and predicted-token count (retain text)."""
@@ -182,7 +200,7 @@ class EditLoss:
     metrics = {}
     if batch.forget is not None:
       f = batch.forget
-      logits = forward.last_logits(model, f.tokens_BxL, f.positions_BxL)
+      logits = fact_last_logits(model, f)
       n = normalizers["forget"]
       if cfg.forget_loss == "inject":
         forget = injection_loss_sum(logits, f.answer_ids_B) / n
@@ -195,7 +213,7 @@ class EditLoss:
       total += cfg.forget_coef * forget
     if batch.maintain is not None:
       m = batch.maintain
-      logits = forward.last_logits(model, m.tokens_BxL, m.positions_BxL)
+      logits = fact_last_logits(model, m)
       maintain = injection_loss_sum(logits, m.answer_ids_B) / normalizers["maintain"]
       metrics["maintain_loss"] = maintain
       metrics["maintain_prob"] = _mean_prob(logits, m.answer_ids_B, normalizers["maintain"])
