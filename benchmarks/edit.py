@@ -3,6 +3,7 @@
   python -m benchmarks.edit                # both cases, each in its own subprocess
   python -m benchmarks.edit --case=mlps    # one case in this process
   python -m benchmarks.edit --compute_dtypes=float32,bfloat16   # bf16 against fp32, same run
+  python -m benchmarks.edit --share_prefixes=false,true          # the shared one-shot prefix, same run
 
 Fixed workload per optimizer step: 32 sports facts in the standard one-shot prompt
 (CE toward the edit target at the last token, full vocabulary) plus 8 retain windows
@@ -36,6 +37,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
+from mech_unlearn_jax import batch as batch_lib
 from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.batch import make_fact_batch
 from mech_unlearn_jax.models import loaders
@@ -47,6 +49,8 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the compile step (b
 _MODEL = flags.DEFINE_string("model", "default", "Model spec for `load_model`.")
 _MICRO = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation micro-batches.")
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "EditConfig.compute_dtype of --case.")
+_SHARE = flags.DEFINE_bool("share_prefix", True, "Run the facts' shared one-shot prefix once per step (--case).")
+_SHARES = flags.DEFINE_list("share_prefixes", ["true"], "Without --case: run every case with each of these.")
 _DTYPES = flags.DEFINE_list(
     "compute_dtypes", ["float32"], "Without --case: run every case in each of these compute dtypes (ratios printed)."
 )
@@ -170,6 +174,11 @@ def run_case(case: str) -> dict[str, float]:
       [tokenizer.single_token_id(" " + x.inject_sport_without_golf) for x in facts],
       pad_id=tokenizer.pad_id or 0,
   )
+  # Useful work is counted on the whole rows, so a shared prefix shows up as speed.
+  fact_lengths = [int((row >= 0).sum()) for row in forget.positions_BxL]
+  fact_width = int(forget.tokens_BxL.shape[1])
+  if _SHARE.value:
+    forget = batch_lib.share_prefix(forget)
   rng = np.random.default_rng(0)
   # Random-token windows: the step's cost does not depend on the text.
   tokens = rng.integers(3, model.config.vocab_size, (NUM_WINDOWS, WINDOW)).astype(np.int32)
@@ -229,7 +238,6 @@ def run_case(case: str) -> dict[str, float]:
     times.append(time.perf_counter() - t)
     cpu_times.append(time.process_time() - c)
   best = min(times)
-  fact_lengths = [int((row >= 0).sum()) for row in forget.positions_BxL]
   # The machine may be shared: time the peak again and keep the higher one, so the
   # MFU is not flattered by a peak measured while something else was running.
   peak_again, peak_cpu_again = matmul_peak()
@@ -238,9 +246,10 @@ def run_case(case: str) -> dict[str, float]:
   return {
       "case": case,
       "compute_dtype": _DTYPE.value,
+      "share_prefix": _SHARE.value,
       "microbatches": _MICRO.value,
       "trained_params": int(sum(np.prod(x.shape) for x in state.params.values())),
-      "fact_prompt_tokens_padded": int(forget.tokens_BxL.shape[1]),
+      "fact_prompt_tokens_padded": fact_width,
       "fact_prompt_tokens_mean": float(np.mean(fact_lengths)),
       "model_load_s": load_s,
       "trace_s": trace_s,
@@ -270,14 +279,16 @@ def main(argv):
     return
   results = []
   for dtype in _DTYPES.value:
-    for case, micro in (("mlps", _MICRO.value), ("mlps", 2), ("blocks", _MICRO.value)):
-      cmd = [sys.executable, "-m", "benchmarks.edit", f"--case={case}", f"--steps={_STEPS.value}",
-             f"--model={_MODEL.value}", f"--microbatches={micro}", f"--compute_dtype={dtype}"]
-      out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
-      lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-      if out.returncode or not lines:
-        sys.exit(f"case {case} ({dtype}) failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-      results.append(json.loads(lines[-1][len("RESULT "):]))
+    for share in _SHARES.value:
+      for case, micro in (("mlps", _MICRO.value), ("mlps", 2), ("blocks", _MICRO.value)):
+        cmd = [sys.executable, "-m", "benchmarks.edit", f"--case={case}", f"--steps={_STEPS.value}",
+               f"--model={_MODEL.value}", f"--microbatches={micro}", f"--compute_dtype={dtype}",
+               f"--share_prefix={share}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode or not lines:
+          sys.exit(f"case {case} ({dtype}, share_prefix={share}) failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
   keys = list(results[0])
   width = max(len(k) for k in keys)
@@ -287,14 +298,18 @@ def main(argv):
     print(f"{key:<{width}} " + " ".join(cells))
   for i in range(0, len(results), 3):
     a, _, b = results[i : i + 3]
-    print(f"{a['compute_dtype']} mlps/blocks: step CPU time {a['step_cpu_s_best'] / b['step_cpu_s_best']:.2f}x,"
-          f" step wall time {a['step_s_best'] / b['step_s_best']:.2f}x,"
-          f" optimizer state {a['opt_state_mb'] / b['opt_state_mb']:.3f}x")
-  if len(results) >= 6:
-    for j, name in ((0, "mlps"), (2, "blocks")):
-      f32, other = results[j], results[3 + j]
-      print(f"{name}: {other['compute_dtype']}/{f32['compute_dtype']} step CPU time"
-            f" {other['step_cpu_s_best'] / f32['step_cpu_s_best']:.2f}x, loss {f32['loss']:.4f} -> {other['loss']:.4f}")
+    print(f"{a['compute_dtype']}, share_prefix={a['share_prefix']}: mlps/blocks step CPU time"
+          f" {a['step_cpu_s_best'] / b['step_cpu_s_best']:.2f}x, optimizer state {a['opt_state_mb'] / b['opt_state_mb']:.3f}x")
+  # Same case, one setting changed: the ratio of step CPU times (other processes do
+  # not distort CPU time as they do wall time).
+  for i, a in enumerate(results):
+    for b in results[i + 1 :]:
+      same = all(a[k] == b[k] for k in ("case", "microbatches"))
+      one_change = (a["compute_dtype"] != b["compute_dtype"]) + (a["share_prefix"] != b["share_prefix"]) == 1
+      if same and one_change:
+        what = "compute_dtype" if a["compute_dtype"] != b["compute_dtype"] else "share_prefix"
+        print(f"{a['case']} x{a['microbatches']}: {what} {a[what]} -> {b[what]}: step CPU time"
+              f" {b['step_cpu_s_best'] / a['step_cpu_s_best']:.2f}x, loss {a['loss']:.4f} -> {b['loss']:.4f}")
 
 
 if __name__ == "__main__":
