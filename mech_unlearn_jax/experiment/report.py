@@ -220,16 +220,19 @@ def robustness_markdown(
     out.append("")
   sp = [(m, k) for m in ("unedited", "edited") for k in ("softprompt_prefix", "softprompt_adapter") if k in robust.get(m, {})]
   if sp:
-    out.append("### Soft-prompt attacks (held-out half, p(true) normalized; mean ± std over seeded attacks)\n")
+    what = "full-vocabulary p(true)" if measure == "prob_full" else "p(true) normalized"
+    out.append(f"### Soft-prompt attacks (held-out half, {what}; mean ± std over seeded attacks)\n")
     out.append("| model | attack | before | after | argmax after | attacks |")
     out.append("|---|---|---|---|---|---|")
     for model, kind in sp:
       res = robust[model][kind]
-      s = res["summary"]
+      # From the runs, so that results written before a measure was summarized render.
+      after = np.array([r["eval"][measure] for r in res["runs"]], np.float64)
+      argmax = np.array([r["eval"]["argmax_candidates"] for r in res["runs"]], np.float64)
+      spread = float(after.std(ddof=1)) if after.size > 1 else 0.0
       out.append(
-          f"| {model} | {kind.split('_')[1]} | {_fmt(res['before_eval']['prob_normalized'])} |"
-          f" {_fmt(s['prob_normalized_mean'])} ± {_fmt(s['prob_normalized_std'])} |"
-          f" {_fmt(s['argmax_candidates_mean'])} | {len(res['runs'])} |"
+          f"| {model} | {kind.split('_')[1]} | {_fmt(res['before_eval'][measure])} |"
+          f" {_fmt(float(after.mean()))} ± {_fmt(spread)} | {_fmt(float(argmax.mean()))} | {len(res['runs'])} |"
       )
     out.append("")
   for key, title in (("trivia", "Sports trivia (multiple choice)"), ("mc_benchmark", "General MC benchmark")):
