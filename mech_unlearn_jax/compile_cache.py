@@ -31,3 +31,20 @@ def enable(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+def release_compiled_code() -> None:
+  """Drops every cached compiled executable (and collects garbage).
+
+  Each XLA:CPU executable keeps memory mappings for its code. A process that compiles
+  thousands of functions (a test suite, a study running many cells with different
+  masks) passes the kernel's per-process limit (vm.max_map_count, 65530 by default)
+  and the next compile crashes it. Call this between independent units of work; the
+  persistent cache makes the recompiles cheap.
+  """
+  import gc  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.clear_caches()
+  gc.collect()

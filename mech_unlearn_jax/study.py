@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from mech_unlearn_jax import compile_cache
 from mech_unlearn_jax import io
 from mech_unlearn_jax import progress
 from mech_unlearn_jax.data.tasks import get_task
@@ -1117,6 +1118,10 @@ def run_cell(
     # A failed or interrupted attempt still counts toward the cell's cost.
     io.write_json(timing_path, {"attempts": attempts + [time.time() - started]})
     raise
+  finally:
+    # Cells compile for their own masks; without this a long study passes the
+    # per-process memory-mapping limit and crashes.
+    compile_cache.release_compiled_code()
   attempts.append(time.time() - started)
   io.write_json(timing_path, {"attempts": attempts})
   summary = _summary(cell, spec, results, float(sum(attempts)), attempts)

@@ -15,3 +15,14 @@ def reference_data_dir() -> pathlib.Path:
   if not REFERENCE_DATA.exists():
     pytest.skip(f"reference data not found at {REFERENCE_DATA}")
   return REFERENCE_DATA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Frees each test module's compiled executables when it ends (a whole suite in one
+  process would otherwise pass the per-process memory-mapping limit; see
+  `compile_cache.release_compiled_code`)."""
+  yield
+  from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
+
+  compile_cache.release_compiled_code()

@@ -423,3 +423,23 @@ def test_predict_refuses_a_prompt_longer_than_the_context():
     predict.top_next_tokens("tiny-gemma3", "plays " * 32768, top_k=3)
   with pytest.raises(ValueError, match="top_k"):
     predict.top_next_tokens("tiny-gemma3", "x", top_k=0)
+
+
+def test_release_compiled_code_frees_memory_mappings():
+  import jax
+  import jax.numpy as jnp
+
+  from mech_unlearn_jax import compile_cache
+
+  def maps():
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+
+  compile_cache.release_compiled_code()
+  before = maps()
+  keep = [jax.jit(lambda x, k=k: jnp.sin(x) * k + k)(jnp.ones(k + 1)) for k in range(40)]
+  grown = maps()
+  compile_cache.release_compiled_code()
+  assert grown > before + 40  # each executable maps its own code
+  assert maps() < grown - 40
+  del keep
