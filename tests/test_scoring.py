@@ -84,6 +84,9 @@ def test_scores_with_a_shared_prefix_match_whole_rows(tiny):
   np.testing.assert_allclose(shared.logprob_full, whole.logprob_full, atol=1e-4)
   np.testing.assert_allclose(shared.candidate_probs, whole.candidate_probs, atol=1e-5)
   np.testing.assert_array_equal(shared.correct_argmax_full, whole.correct_argmax_full)
+  # A batch already split at its prefix (as training draws them) scores the same.
+  split = scoring.score_facts(tiny, batch_lib.share_prefix(batch), chunk_size=2)
+  np.testing.assert_allclose(split.logprob_full, whole.logprob_full, atol=1e-4)
 
 
 def test_sampling_is_seeded_and_cached(tiny, tmp_path):

@@ -159,10 +159,16 @@ def score_facts(
   # Only the plain model: subclasses (e.g. a soft prompt inserted after BOS) change
   # which columns the prefix's keys and values belong to.
   share_prefix = share_prefix and type(unbound) is CausalLM
-  prefix_len = batch_lib.shared_prefix_length(all_tokens, all_positions) if share_prefix else 0
   prefix = None
-  if prefix_len >= batch_lib.MIN_SHARED_PREFIX:
-    prefix, all_tokens, all_positions = batch_lib.split_prefix(all_tokens, all_positions, prefix_len)
+  if batch.prefix_BxP is not None:  # already split (`batch.share_prefix`)
+    if type(unbound) is not CausalLM:
+      raise ValueError(f"a {type(unbound).__name__} cannot score a batch split at a shared prefix")
+    prefix = np.asarray(batch.prefix_BxP[0], np.int32)
+  elif share_prefix:
+    prefix_len = batch_lib.shared_prefix_length(all_tokens, all_positions)
+    if prefix_len >= batch_lib.MIN_SHARED_PREFIX:
+      prefix, all_tokens, all_positions = batch_lib.split_prefix(all_tokens, all_positions, prefix_len)
+  if prefix is not None:
     score = _score_prefixed_chunk if mesh is None else _replicated_out(_score_prefixed_chunk_fn, mesh)
     if mesh is not None:
       prefix = jax.device_put(prefix, sharding.replicated(mesh))
