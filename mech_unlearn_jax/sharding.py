@@ -250,14 +250,17 @@ def shard_tree(
   return jax.tree.map(place, tree, is_leaf=is_named)
 
 
-def _label(path: Sequence[Any]) -> str:
+def path_label(path: Sequence[Any]) -> str:
+  """A readable name of a pytree path: dict keys verbatim (labels), joined by '.'."""
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):
       if hasattr(key, attr):
         parts.append(str(getattr(key, attr)))
         break
-  return ".".join(parts)
+    else:
+      parts.append(str(key))
+  return ".".join(parts) or "<root>"
 
 
 def param_shardings(
@@ -275,7 +278,7 @@ def param_shardings(
   def one(path, x):
     if _on_mesh(x, mesh):
       return x.sharding
-    names = axis_names.get(_label(path))
+    names = axis_names.get(path_label(path))
     if names is not None and len(names) == np.ndim(x):
       names = tuple(names)
       return NamedSharding(mesh, param_spec(dict(zip(names, np.shape(x))), names, mesh, rules, fsdp))

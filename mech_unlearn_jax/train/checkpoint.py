@@ -48,17 +48,7 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not belong to the run that tries to resume from it."""
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """A readable name of a pytree path: dict keys verbatim (labels), joined by '.'."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return ".".join(parts) or "<root>"
+path_str = sharding_lib.path_label  # names of flattened leaves in checkpoints
 
 
 def flatten(tree: Any) -> dict[str, Any]:
