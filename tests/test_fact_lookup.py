@@ -1,6 +1,8 @@
 """Probes, fact-lookup patching and rule, and `launch.localize`'s path on a tiny model."""
 
+import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,12 @@ from penzai import pz
 
 from configs import localize_sports
 from mech_unlearn_jax import experiment
+from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.localize import fact_lookup as fl
 from mech_unlearn_jax.localize import masks as M
 from mech_unlearn_jax.localize import probes
+from mech_unlearn_jax.localize import select
 from mech_unlearn_jax.models import config as config_lib
 from mech_unlearn_jax.models import forward, transformer
 
@@ -269,3 +273,40 @@ def test_tiny_run_says_which_masks_coincide(tiny_run):
   assert all(jaccard[m][i] == 1.0 for i, m in enumerate(ALL_METHODS))
   table = (workdir / "localization" / "coincidence.md").read_text()
   assert "| fact_lookup |" in table and "Identical masks:" in table
+
+
+def test_ct_and_ct_mlps_share_one_causal_trace(tiny_run, tmp_path, monkeypatch):
+  spec, workdir, summary = tiny_run
+  cache = workdir / "localization" / "output_tracing"
+  assert {p.name for p in cache.iterdir()} == {"ap_scores.npz", "ct_scores.npz"}
+  # Rebuild the output-tracing masks from a copy of the run without tracing again.
+  rerun = tmp_path / "rerun"
+  shutil.copytree(workdir, rerun)
+  for method in ("ap", "ct", "ap_mlps", "ct_mlps"):
+    shutil.rmtree(rerun / "localization" / method)
+
+  def no_tracing(*args, **kwargs):
+    raise AssertionError("output-tracing scores were recomputed although cached")
+
+  monkeypatch.setattr(select, "_raw_output_tracing_scores", no_tracing)
+  again = experiment.localize_only(spec, ["ap", "ct", "ap_mlps", "ct_mlps"], rerun)
+  for method in ("ap", "ct", "ap_mlps", "ct_mlps"):
+    assert again[method]["units"] == summary[method]["units"], method
+  # Scores of other settings (here another seed) are computed, not served from the cache.
+  calls = []
+
+  def fake_tracing(model, batch, corrupt, kind, config, seed):
+    calls.append(seed)
+    return {iv.Site(0, "mlp_out"): np.ones(1)}
+
+  monkeypatch.setattr(select, "_raw_output_tracing_scores", fake_tracing)
+  batch = FactBatch(
+      tokens_BxL=np.ones((2, 4), np.int32), positions_BxL=np.tile(np.arange(4, dtype=np.int32), (2, 1)),
+      answer_ids_B=np.ones(2, np.int32), wrong_ids_BxK=np.ones((2, 1), np.int32),
+      subject_mask_BxL=np.zeros((2, 4), bool),
+  )
+  config = dataclasses.replace(spec.localize, method="ct")
+  for seed in (spec.seed + 1, spec.seed + 1, spec.seed + 2):
+    scores = select.output_tracing_scores(None, batch, None, "ct", config, seed, cache_dir=rerun / "localization")
+    assert list(scores) == [iv.Site(0, "mlp_out")]
+  assert calls == [spec.seed + 1, spec.seed + 2]

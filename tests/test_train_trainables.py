@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from penzai import pz
 
 from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.batch import FactBatch
@@ -14,6 +15,7 @@ from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.models import config as config_lib
 from mech_unlearn_jax.models import forward, transformer
 from mech_unlearn_jax.train import checkpoint
+from mech_unlearn_jax.train.trainables import LowRankAdapter
 
 TINY = config_lib.get_preset("tiny-gemma3")  # d=32, 4 query heads in 2 KV groups, head_dim 8, mlp 64
 EMBEDDER = "transformer/embedder.embeddings"
@@ -154,6 +156,50 @@ def test_lora_targets(tiny_model):
     train_lib.lora_trainable(tiny_model, rank=2, alpha=2.0, seed=0, targets=("mlp",))
   with pytest.raises(ValueError, match="rank"):
     train_lib.lora_trainable(tiny_model, rank=0, alpha=2.0, seed=0)
+
+
+def test_lora_folded_and_factored_forms_agree_in_value_and_gradient(tiny_model):
+  params, _, _ = train_lib.lora_trainable(tiny_model, rank=6, alpha=6.0, seed=3)
+  # Non-zero B, so the adapters change the function and A gets a gradient.
+  params = {
+      k: (0.1 * jax.random.normal(jax.random.key(7), v.shape) if k.endswith("lora_b.weights") else v)
+      for k, v in params.items()
+  }
+
+  def loss_and_grad(mode):
+    _, trainable, _ = train_lib.lora_trainable(tiny_model, rank=6, alpha=6.0, seed=3, forward_mode=mode)
+
+    def loss(p):
+      return jnp.mean(forward.full_logits(trainable.bind(p), TOKENS, POSITIONS) ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (factored, g_factored), (folded, g_folded) = loss_and_grad("factored"), loss_and_grad("folded")
+  base = float(jnp.mean(forward.full_logits(tiny_model, TOKENS, POSITIONS) ** 2))
+  assert float(factored) != pytest.approx(base, rel=1e-6)  # the adapters are not a no-op
+  np.testing.assert_allclose(folded, factored, rtol=1e-5)
+  for label in params:
+    np.testing.assert_allclose(g_folded[label], g_factored[label], rtol=1e-4, atol=1e-6, err_msg=label)
+  with pytest.raises(ValueError, match="forward_mode must be one of"):
+    train_lib.lora_trainable(tiny_model, rank=2, alpha=2.0, seed=0, forward_mode="merged")
+
+
+def test_lora_auto_mode_folds_only_when_it_is_cheaper():
+  # Rank 512 on a 640 -> 2048 map: folding pays off for thousands of tokens, not one.
+  def adapter(rank):
+    a = pz.nx.zeros({"embedding": 640, "lowrank": rank})
+    b = pz.nx.zeros({"lowrank": rank, "mlp": 2048})
+    w = pz.nx.zeros({"embedding": 640, "mlp": 2048})
+    linear = lambda v, i, o: pz.nn.Linear(weights=pz.ParameterValue(value=v, label="w"), in_axis_names=i, out_axis_names=o)
+    return LowRankAdapter(
+        base=linear(w, ("embedding",), ("mlp",)), down=linear(a, ("embedding",), ("lowrank",)),
+        up=linear(b, ("lowrank",), ("mlp",)), scale=1.0,
+    )
+
+  many = pz.nx.zeros({"batch": 48, "seq": 40, "embedding": 640})
+  one = pz.nx.zeros({"batch": 1, "seq": 1, "embedding": 640})
+  assert adapter(512)._fold(many) and not adapter(512)._fold(one)
+  assert not adapter(8)._fold(many)
 
 
 def test_lora_frozen_leaves_get_no_optimizer_state(tiny_model):

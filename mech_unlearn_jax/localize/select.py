@@ -20,6 +20,8 @@ here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import pathlib
 import time
@@ -28,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mech_unlearn_jax import io
+from mech_unlearn_jax import interventions, io
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.localize import baselines as baselines_lib
 from mech_unlearn_jax.localize import corruption
@@ -203,17 +205,14 @@ def fact_lookup_layers(
   }
 
 
-def output_tracing_scores(
+def _raw_output_tracing_scores(
     model: Any, batch: FactBatch, corrupt_BxL: np.ndarray, kind: str, config: LocalizeConfig, seed: int
 ) -> dict[Any, np.ndarray]:
-  """Per-component AP or CT scores, filtered to the sites the score mode uses."""
   if kind == "ap":
     from mech_unlearn_jax.localize import attribution_patching as ap  # pylint: disable=g-import-not-at-top
 
     ap_config = ap.APConfig(batch_size=config.ap.batch_size or None)
-    scores = ap.attribution_patching(model, batch, corrupt_BxL, ap_config).as_numpy()
-    keep = AP_REFERENCE_KINDS if config.score_mode == "reference" else tuple(ap.MATRIX_SITES.values())
-    return {s: v for s, v in scores.items() if s.kind in keep}
+    return ap.attribution_patching(model, batch, corrupt_BxL, ap_config).as_numpy()
   if kind == "ct":
     from mech_unlearn_jax.localize import causal_tracing as ct  # pylint: disable=g-import-not-at-top
 
@@ -223,6 +222,48 @@ def output_tracing_scores(
     )
     return ct.causal_tracing(model, batch, ct_config).scores()
   raise ValueError(f"unknown output-tracing method {kind!r}")
+
+
+def _scores_key(kind: str, config: LocalizeConfig, seed: int, batch: FactBatch) -> dict[str, Any]:
+  """What the raw scores depend on (batch sizes only change the cost, not the scores)."""
+  settings = (
+      {"noise": config.ct.noise, "recovery": config.ct.recovery, "num_samples": config.ct.num_samples}
+      if kind == "ct" else {}
+  )
+  return {
+      "kind": kind, "seed": seed, **settings, "num_prompts": batch.size,
+      "tokens_sha256": hashlib.sha256(np.ascontiguousarray(batch.tokens_BxL).tobytes()).hexdigest(),
+  }
+
+
+def output_tracing_scores(
+    model: Any, batch: FactBatch, corrupt_BxL: np.ndarray, kind: str, config: LocalizeConfig, seed: int,
+    cache_dir: pathlib.Path | None = None,
+) -> dict[Any, np.ndarray]:
+  """Per-component AP or CT scores, filtered to the sites the score mode uses.
+
+  With `cache_dir`, the raw scores are kept in `cache_dir/output_tracing/` and reused
+  by every method scoring the same prompts with the same settings (CT and CT-MLPs,
+  AP and AP-MLPs): causal tracing is the costliest localization, so it runs once.
+  """
+  key = _scores_key(kind, config, seed, batch)
+  path = None if cache_dir is None else pathlib.Path(cache_dir) / "output_tracing" / f"{kind}_scores.npz"
+  raw = None
+  if path is not None and path.is_file():
+    stored = io.read_npz(path, f"{kind} scores")
+    if json.loads(str(stored.pop("__key__"))) == key:
+      raw = {interventions.Site(int(layer), site): v for name, v in stored.items() for layer, site in [name.split(":")]}
+  if raw is None:
+    raw = _raw_output_tracing_scores(model, batch, corrupt_BxL, kind, config, seed)
+    if path is not None:
+      arrays = {f"{s.layer}:{s.kind}": np.asarray(v) for s, v in raw.items()}
+      io.write_npz(path, {**arrays, "__key__": np.array(json.dumps(key, sort_keys=True))})
+  if kind == "ap":
+    from mech_unlearn_jax.localize import attribution_patching as ap  # pylint: disable=g-import-not-at-top
+
+    keep = AP_REFERENCE_KINDS if config.score_mode == "reference" else tuple(ap.MATRIX_SITES.values())
+    return {s: v for s, v in raw.items() if s.kind in keep}
+  return raw
 
 
 def late_mlps(model: Any, num_units: int, extraction_layer: int) -> masks_lib.MaskResult:
@@ -312,7 +353,7 @@ def localize(
   scores = None
   if config.method in OUTPUT_TRACING:
     kind = config.method.split("_")[0]
-    scores = output_tracing_scores(model, batch, corrupt, kind, config, seed)
+    scores = output_tracing_scores(model, batch, corrupt, kind, config, seed, cache_dir=evidence_root)
     if out is not None:
       io.write_json(out / f"{kind}_scores.json", {str(k): np.asarray(v) for k, v in scores.items()})
   extraction = min(evidence["extraction_layers"]) if evidence.get("extraction_layers") else None

@@ -60,6 +60,7 @@ LOWRANK_AXIS = "lowrank"
 LORA_TARGETS = (
     "query", "key", "value", "output", "gating_linear", "value_linear", "out_linear"
 )
+LORA_FORWARD_MODES = ("auto", "factored", "folded")
 _TARGET_ALIASES = {
     "q": "query", "k": "key", "v": "value", "o": "output",
     "gate": "gating_linear", "up": "value_linear", "down": "out_linear",
@@ -329,10 +330,41 @@ class LowRankAdapter(pz.nn.Layer):
   down: pz.nn.Linear
   up: pz.nn.Linear
   scale: float = dataclasses.field(metadata={"pytree_node": False})
+  forward_mode: str = dataclasses.field(default="auto", metadata={"pytree_node": False})
 
   def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+    if self._fold(x):
+      # W + scale * A B, then one contraction: the same function (and gradients, by
+      # the chain rule through the sum) as the factored form below.
+      weights = self.base.weights.value
+      delta = pz.nn.contract(LOWRANK_AXIS, self.down.weights.value, self.up.weights.value)
+      folded = weights + (delta * self.scale).astype(weights.dtype)
+      return pz.nn.contract(self.base.in_axis_names, x, folded)
     delta = self.up(self.down(x, **side_inputs), **side_inputs)
     return self.base(x, **side_inputs) + delta * self.scale
+
+  def _fold(self, x: pz.nx.NamedArray) -> bool:
+    """Whether folding A B into W costs fewer FLOPs for this input (static shapes).
+
+    Per call, forward + backward, beyond the base map: the factored form pays
+    ~6 n r (d_in + d_out) for n input vectors; the folded one pays the weight
+    gradient 2 n d_in d_out plus forming W + A B and its gradients, ~6 d_in d_out r.
+    A big rank on many tokens (the relearning attack: r = 512 on every map) folds;
+    a small rank or a single token does not.
+    """
+    if self.forward_mode != "auto":
+      return self.forward_mode == "folded"
+    w = self.down.weights.value.named_shape
+    d_in = math.prod(w[n] for n in self.base.in_axis_names)
+    rank = w[LOWRANK_AXIS]
+    out_shape = self.up.weights.value.named_shape
+    d_out = math.prod(out_shape[n] for n in self.base.out_axis_names)
+    n = math.prod(x.positional_shape) * math.prod(
+        size for name, size in x.named_shape.items() if name not in self.base.in_axis_names
+    )
+    factored = 6 * n * rank * (d_in + d_out)
+    folded = 2 * n * d_in * d_out + 6 * d_in * d_out * rank
+    return folded < factored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +471,7 @@ def lora_trainable(
     alpha: float,
     seed: int,
     targets: Sequence[str] = LORA_TARGETS,
+    forward_mode: str = "auto",
 ) -> tuple[dict[str, jax.Array], LoraTrainable, None]:
   """LoRA adapters on the blocks' linear maps -> (params, `LoraTrainable`, None).
 
@@ -458,7 +491,13 @@ def lora_trainable(
     seed: seeds A's initialization.
     targets: matrix names ("query", "key", "value", "output", "gating_linear",
       "value_linear", "out_linear", or q/k/v/o/gate/up/down); default all.
+    forward_mode: how an adapted map computes W x + scale B A x: "factored" (through
+      the rank-r bottleneck), "folded" (W + scale A B formed first, one contraction),
+      or "auto" (per call, whichever costs fewer FLOPs at the input's static shape:
+      `LowRankAdapter._fold`). Same function either way; only the cost differs.
   """
+  if forward_mode not in LORA_FORWARD_MODES:
+    raise ValueError(f"LoRA forward_mode must be one of {LORA_FORWARD_MODES}, got {forward_mode!r}")
   if int(rank) != rank or rank < 1:
     raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
   if not alpha > 0:
@@ -504,6 +543,7 @@ def lora_trainable(
             out_axis_names=linear.out_axis_names,
         ),
         scale=scale,
+        forward_mode=forward_mode,
     )
 
   adapted = (
