@@ -157,15 +157,10 @@ def release_free_heap() -> None:
     pass  # not glibc: report what the allocator keeps
 
 
-def run_case(case: str) -> dict[str, float]:
+def workload(tokenizer, vocab_size: int) -> tuple[batch_lib.FactBatch, train_lib.TextBatch]:
+  """The step's data: 32 facts toward their edit targets, 8 random-token retain windows."""
   from mech_unlearn_jax.data.facts import load_sports_facts  # pylint: disable=g-import-not-at-top
-  from mech_unlearn_jax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
-  peak, peak_cpu = matmul_peak()
-  t = time.perf_counter()
-  model = loaders.load_model(_MODEL.value)
-  load_s = time.perf_counter() - t
-  tokenizer = Tokenizer.from_gguf(loaders.default_gguf_path())
   facts = [x for x in load_sports_facts() if x.inject_sport_without_golf][:NUM_FACTS]
   forget = make_fact_batch(
       tokenizer,
@@ -174,16 +169,28 @@ def run_case(case: str) -> dict[str, float]:
       [tokenizer.single_token_id(" " + x.inject_sport_without_golf) for x in facts],
       pad_id=tokenizer.pad_id or 0,
   )
+  rng = np.random.default_rng(0)
+  # Random-token windows: the step's cost does not depend on the text.
+  tokens = rng.integers(3, vocab_size, (NUM_WINDOWS, WINDOW)).astype(np.int32)
+  tokens[:, 0] = tokenizer.bos_id
+  retain = train_lib.TextBatch(tokens, np.tile(np.arange(WINDOW, dtype=np.int32), (NUM_WINDOWS, 1)))
+  return forget, retain
+
+
+def run_case(case: str) -> dict[str, float]:
+  from mech_unlearn_jax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  peak, peak_cpu = matmul_peak()
+  t = time.perf_counter()
+  model = loaders.load_model(_MODEL.value)
+  load_s = time.perf_counter() - t
+  tokenizer = Tokenizer.from_gguf(loaders.default_gguf_path())
+  forget, retain = workload(tokenizer, model.config.vocab_size)
   # Useful work is counted on the whole rows, so a shared prefix shows up as speed.
   fact_lengths = [int((row >= 0).sum()) for row in forget.positions_BxL]
   fact_width = int(forget.tokens_BxL.shape[1])
   if _SHARE.value:
     forget = batch_lib.share_prefix(forget)
-  rng = np.random.default_rng(0)
-  # Random-token windows: the step's cost does not depend on the text.
-  tokens = rng.integers(3, model.config.vocab_size, (NUM_WINDOWS, WINDOW)).astype(np.int32)
-  tokens[:, 0] = tokenizer.bos_id
-  retain = train_lib.TextBatch(tokens, np.tile(np.arange(WINDOW, dtype=np.int32), (NUM_WINDOWS, 1)))
   config = train_lib.EditConfig(
       steps=50, lr=1e-5, forget_batch_size=NUM_FACTS, retain_batch_size=NUM_WINDOWS,
       num_microbatches=_MICRO.value, compute_dtype=_DTYPE.value,

@@ -57,6 +57,26 @@ def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
   return max(finite, key=lambda r: r["score"]) if finite else None
 
 
+def sweep_markdown(record: Mapping[str, Any], title: str) -> str:
+  """sweep.json as a table: one row per setting, in the order run, best marked."""
+  best = record.get("best") or {}
+  lines = [
+      f"### {title}", "",
+      "| lr | c_f | retain acc | forget p(true) | maintain p(true) | edit p(target) | score | |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  fmt = lambda v: f"{v:.3f}" if _finite(v) else "-"
+  for r in record["rows"]:
+    mark = "best" if (r["lr"], r["forget_coef"]) == (best.get("lr"), best.get("forget_coef")) else r.get("error", "")
+    lines.append(
+        f"| {r['lr']:g} | {r['forget_coef']:g} | {fmt(r.get('retain_accuracy'))} | {fmt(r.get('forget'))} |"
+        f" {fmt(r.get('maintain'))} | {fmt(r.get('edit'))} | {fmt(r['score'])} | {mark} |"
+    )
+  how = "lr at the first c_f, then c_f at the best lr" if record.get("staged") else "every (lr, c_f) pair"
+  lines += ["", f"Score = retain acc + (1 - forget) + maintain + edit, standard format only; {how}."]
+  return "\n".join(lines) + "\n"
+
+
 def sweep_spec(base: experiment.ExperimentSpec) -> experiment.ExperimentSpec:
   """What a sweep setting runs: `base` scored in the standard format only, no attacks.
 
@@ -133,7 +153,9 @@ def run_sweep(
     for lr, cf in itertools.product(learning_rates, forget_coefs):
       run(lr, cf)
   best = best_row(rows)
-  io.write_json(workdir / "sweep.json", {"rows": rows, "staged": staged, "best": best})
+  record = {"rows": rows, "staged": staged, "best": best}
+  io.write_json(workdir / "sweep.json", record)
+  io.write_text(workdir / "sweep.md", sweep_markdown(record, f"{base.localize.method}, {base.data.task} {base.data.split}"))
   if best is None:
     raise ValueError(
         f"{workdir / 'sweep.json'}: no setting of the sweep has a finite score (every edit diverged"

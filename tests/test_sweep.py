@@ -40,3 +40,5 @@ def test_tiny_sweep_shares_stages_and_runs_lr_then_cf(tmp_path):
     assert {r["format"] for r in results["summary"]} == {"standard"}
     assert not (sub / "knowledge.json").exists()  # read from the shared folder
   assert io.read_json(tmp_path / "sweep.json")["best"]["score"] == max(r["score"] for r in rows)
+  table = (tmp_path / "sweep.md").read_text()
+  assert table.count("| best |") == 1 and len([l for l in table.splitlines() if l.startswith("| 0.0")]) == 3
