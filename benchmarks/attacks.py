@@ -1,0 +1,153 @@
+"""Cost of each robustness attack's training against the edit's, in one process.
+
+  python -m benchmarks.attacks                  # every attacker at the default config
+  python -m benchmarks.attacks --steps=3 --attackers=relearn_lora,softprompt_prefix
+
+Each attacker is built by the library's own constructors at the main job's default
+settings (`RobustnessConfig()`): LoRA relearning (r = 512, capped by the layer width)
+and full-rank relearning (every block weight) on 8 forget facts (true answers) + 8
+maintain facts + 8 retain windows per step; the prefix soft prompt and the embedding
+adapter on 8 forget facts per step. The reference row is the edit itself (the
+fact-lookup mask of sports first-16, MLP 3; 16 examples per term). Facts are sports
+athletes in the standard one-shot prompt; retain windows are 32 random tokens (the
+step's cost does not depend on the text).
+
+Per attacker: compile time, step time (median of --steps, wall and process CPU),
+XLA's FLOPs of the compiled step, MFU (XLA FLOPs per CPU-second of the step over an
+fp32 matmul's, timed in this process, so a background load does not distort it),
+and the training cost of the whole attack at its configured steps and number of
+seeded attacks, as a multiple of the edit's. Evaluations between steps (relearning
+curves, soft-prompt scores) are not included: they are forward passes, priced by
+`benchmarks.forward`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from benchmarks import edit as edit_bench
+from mech_unlearn_jax import train as train_lib
+from mech_unlearn_jax.batch import make_fact_batch
+from mech_unlearn_jax.data.facts import load_sports_facts
+from mech_unlearn_jax.evals import relearn as relearn_lib
+from mech_unlearn_jax.evals import softprompt as softprompt_lib
+from mech_unlearn_jax.experiment.robustness import RobustnessConfig
+from mech_unlearn_jax.experiment.spec import ExperimentSpec
+from mech_unlearn_jax.localize import masks as masks_lib
+from mech_unlearn_jax.models import loaders
+from mech_unlearn_jax.models.transformer import CausalLM
+from mech_unlearn_jax.train import soft_prompt as sp
+
+ATTACKERS = ("edit", "relearn_lora", "relearn_full", "softprompt_prefix", "softprompt_adapter")
+_ATTACKERS = flags.DEFINE_list("attackers", list(ATTACKERS), f"Which rows (of {ATTACKERS}); 'edit' is the reference.")
+_BENCH_STEPS = flags.DEFINE_integer("timed_steps", 3, "Timed steps after the compile step.")
+NUM_RETAIN, RETAIN_WINDOW = 32, 32
+
+
+def sports_pools(tokenizer, vocab_size: int):
+  """(edit facts toward their targets, true-answer facts, maintain facts, retain windows)."""
+  facts = [x for x in load_sports_facts() if x.inject_sport_without_golf][:48]
+  prompt = edit_bench.PROMPT
+
+  def batch(rows, answer):
+    return make_fact_batch(
+        tokenizer, [prompt.format(x.athlete) for x in rows], [x.athlete for x in rows],
+        [tokenizer.single_token_id(" " + answer(x)) for x in rows], pad_id=tokenizer.pad_id or 0,
+    )
+
+  edit = batch(facts[:16], lambda x: x.inject_sport_without_golf)
+  true = batch(facts[:16], lambda x: x.sport)
+  maintain = batch(facts[16:48], lambda x: x.sport)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, vocab_size, (NUM_RETAIN, RETAIN_WINDOW)).astype(np.int32)
+  tokens[:, 0] = tokenizer.bos_id
+  retain = train_lib.TextBatch(tokens, np.tile(np.arange(RETAIN_WINDOW, dtype=np.int32), (NUM_RETAIN, 1)))
+  return edit, true, maintain, retain
+
+
+def time_training(params, trainable, update_mask, data, config, timed_steps: int, peak_cpu: float) -> dict:
+  """Compile + timed steps of `train_step` as `train_lib.train` would run it."""
+  loss_fn = train_lib.EditLoss(config)
+  share = loss_fn.supports_shared_prefix and type(trainable.bind(params)) is CausalLM
+  batch = train_lib.make_batch_fn(data, config, share_prefix=share)(0)
+  state = jax.device_put(train_lib.init_state(jax.tree.map(np.array, params), config), jax.devices()[0])
+  kwargs = dict(trainable=trainable, update_mask=update_mask, loss_fn=loss_fn, config=config)
+  rng = jax.random.key(0)
+  t = time.perf_counter()
+  compiled = train_lib.train_step.lower(state, batch, rng, **kwargs).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  walls, cpus = [], []
+  state, metrics = compiled(state, batch, rng, trainable=trainable, update_mask=update_mask)
+  jax.block_until_ready(metrics)
+  for _ in range(timed_steps):
+    t, c = time.perf_counter(), time.process_time()
+    state, metrics = compiled(state, batch, rng, trainable=trainable, update_mask=update_mask)
+    jax.block_until_ready((state, metrics))
+    walls.append(time.perf_counter() - t)
+    cpus.append(time.process_time() - c)
+  cpu = statistics.median(cpus)
+  return {
+      "trained_params": train_lib.count_parameters(params), "compile_s": compile_s,
+      "step_s": statistics.median(walls), "step_cpu_s": cpu, "xla_gflop": flops / 1e9,
+      "mfu_cpu_time": flops / cpu / peak_cpu,
+  }
+
+
+def main(argv):
+  del argv
+  unknown = [a for a in _ATTACKERS.value if a not in ATTACKERS]
+  if unknown:
+    raise app.UsageError(f"--attackers: unknown {unknown}; expected some of {ATTACKERS}")
+  _, peak_cpu = edit_bench.matmul_peak()
+  model, tokenizer = loaders.load_model_and_tokenizer("default")
+  edit_facts, true_facts, maintain, retain = sports_pools(tokenizer, model.config.vocab_size)
+  robust = RobustnessConfig()
+  edit_config = ExperimentSpec().edit
+  rows = {}
+  for name in _ATTACKERS.value:
+    if name == "edit":
+      mask = masks_lib.mask_from_units(model, [masks_lib.Unit(3, "mlp")])
+      built = train_lib.mask_trainable(model, mask)
+      config, data, repeats = edit_config, train_lib.EditData(edit_facts, maintain, retain), 1
+    elif name.startswith("relearn"):
+      attacker = robust.relearn_lora if name == "relearn_lora" else robust.relearn_full
+      built = relearn_lib.attack_trainable(model, attacker, seed=0)
+      config, repeats = attacker.training, 1
+      data = train_lib.EditData(true_facts, maintain, retain)  # 8 of them per step
+    else:
+      attack = robust.softprompt_prefix if name == "softprompt_prefix" else robust.softprompt_adapter
+      max_norm = attack.norm_scale * sp.median_embedding_norm(model, seed=attack.seed)
+      built = softprompt_lib.make_attack_trainable(model, attack, max_norm, seed=0)
+      config, repeats = attack.training, attack.num_attacks
+      data = train_lib.EditData(forget=true_facts)
+    params, trainable, update_mask = built
+    row = time_training(params, trainable, update_mask, data, config, _BENCH_STEPS.value, peak_cpu)
+    row.update(steps=config.steps, attacks=repeats)
+    # Training cost of the whole attack: every seeded attack reuses the compiled step.
+    row["training_s"] = row["compile_s"] + repeats * config.steps * row["step_s"]
+    row["training_cpu_s"] = repeats * config.steps * row["step_cpu_s"]
+    rows[name] = row
+    print(f"{name}: {row}", flush=True)
+  print(f"\nfp32 matmul peak: {peak_cpu / 1e9:.1f} GFLOP per CPU-second (this process)")
+  header = ("attacker", "trained", "steps x attacks", "compile s", "step s", "step CPU s", "XLA GFLOP", "MFU (CPU)", "training CPU s", "vs edit")
+  print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+  edit_cpu = rows.get("edit", {}).get("training_cpu_s")
+  for name, r in rows.items():
+    ratio = f"{r['training_cpu_s'] / edit_cpu:.2f}x" if edit_cpu else "-"
+    print(f"| {name} | {r['trained_params']:,} | {r['steps']} x {r['attacks']} | {r['compile_s']:.1f} | {r['step_s']:.2f} |"
+          f" {r['step_cpu_s']:.2f} | {r['xla_gflop']:.1f} | {r['mfu_cpu_time']:.0%} | {r['training_cpu_s']:.0f} | {ratio} |")
+  if edit_cpu:
+    attacks = sum(r["training_cpu_s"] for n, r in rows.items() if n != "edit")
+    print(f"\nall attacks' training / the edit's (CPU time): {attacks / edit_cpu:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
