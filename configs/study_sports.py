@@ -94,4 +94,6 @@ def get_config(arg=None):
   c.methods = TINY_METHODS if tiny else tuple(METHODS)
   c.seeds = (0, 1) if tiny else (0, 1, 2, 3, 4)
   c.confidence = 0.95
+  # Each cell's edit uses its method's family's tuned values (the base has fact lookup's).
+  c.tuned_edit = ml_collections.ConfigDict(common.TUNED_EDIT)
   return c

@@ -134,6 +134,9 @@ class StudyConfig:
     base: the base experiment as nested `ExperimentSpec.from_dict` keys (seed,
       method, task and split are set per cell).
     confidence: coverage of the t-intervals over seeds.
+    tuned_edit: tuning family (`select.METHOD_FAMILIES`) -> edit keys (lr,
+      forget_coef, ...) tuned for that family (METHOD §3); a cell gets its method's
+      family's keys over the base's, before the setting's overrides.
   """
 
   settings: tuple[StudySetting, ...]
@@ -141,6 +144,7 @@ class StudyConfig:
   seeds: tuple[int, ...] = (0, 1, 2)
   base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   confidence: float = 0.95
+  tuned_edit: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if not self.settings:
@@ -157,6 +161,9 @@ class StudyConfig:
       raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
     if not 0.0 < self.confidence < 1.0:
       raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+    bad = sorted(set(self.tuned_edit) - set(select.METHOD_FAMILIES))
+    if bad:
+      raise ValueError(f"tuned_edit: unknown tuning famil(ies) {bad}; expected some of {sorted(select.METHOD_FAMILIES)}")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "StudyConfig":
@@ -164,11 +171,13 @@ class StudyConfig:
 
     Expected keys: `base` (an experiment config), `settings` ({name: {task, split,
     overrides}}), `setting_order` (names; default: the settings' key order),
-    `methods`, `seeds`, optionally `confidence`.
+    `methods`, `seeds`, optionally `confidence` and `tuned_edit`.
     """
     if hasattr(values, "to_dict"):
       values = values.to_dict()
-    unknown = sorted(set(values) - {"base", "settings", "setting_order", "methods", "seeds", "confidence"})
+    unknown = sorted(
+      set(values) - {"base", "settings", "setting_order", "methods", "seeds", "confidence", "tuned_edit"}
+    )
     if unknown:
       raise schema.ConfigError(f"unknown study config key(s) {['config.' + k for k in unknown]}")
     settings = dict(values.get("settings") or {})
@@ -199,6 +208,7 @@ class StudyConfig:
         seeds=tuple(int(x) for x in seeds),
         base=dict(values.get("base") or {}),
         confidence=float(values.get("confidence", 0.95)),
+        tuned_edit={k: dict(v) for k, v in (values.get("tuned_edit") or {}).items()},
       )
     except ValueError as e:
       raise schema.ConfigError(f"config: {e}") from None
@@ -215,7 +225,8 @@ class StudyConfig:
 
   def experiment_dict(self, setting: StudySetting, method: str, seed: int) -> dict[str, Any]:
     """The nested experiment keys of one cell (base, then overrides, then the cell)."""
-    merged = _deep_merge(_plain(self.base), _plain(setting.overrides))
+    tuned = {"edit": dict(self.tuned_edit.get(select.FAMILY_OF[method], {}))}
+    merged = _deep_merge(_deep_merge(_plain(self.base), tuned), _plain(setting.overrides))
     merged.setdefault("data", {}).update(task=setting.task, split=setting.split)
     merged.setdefault("localize", {})["method"] = method
     merged["seed"] = seed

@@ -1,5 +1,6 @@
 """Every config file loads into the one schema; the schema and configs/common.py agree."""
 
+import dataclasses
 import importlib
 import pathlib
 import subprocess
@@ -53,6 +54,22 @@ def test_reference_budget_variant_and_method_families():
   assert {select.FAMILY_OF[m] for m in ("fact_lookup", "ap", "nonlocalized")} == set(select.METHOD_FAMILIES)
 
 
+@pytest.mark.parametrize("config_name", ["sports_first16", "counterfact_16"])
+def test_each_method_gets_its_familys_tuned_edit_values_unless_overridden(config_name):
+  from configs import common
+  from mech_unlearn_jax.localize import select
+
+  module = importlib.import_module(f"configs.{config_name}")
+  assert set(common.TUNED_EDIT) == set(select.METHOD_FAMILIES)
+  for method in METHODS:
+    edit = experiment.ExperimentSpec.from_dict(module.get_config(method).to_dict()).edit
+    tuned = common.TUNED_EDIT[select.FAMILY_OF[method]]
+    assert (edit.lr, edit.forget_coef) == (tuned["lr"], tuned["forget_coef"]), method
+  config = module.get_config("ap")
+  config.edit.lr = 2e-5  # what --config.edit.lr=2e-5 does
+  assert experiment.ExperimentSpec.from_dict(config.to_dict()).edit.lr == 2e-5
+
+
 def _leaves(d, prefix=""):
   for k, v in d.items():
     if isinstance(v, dict):
@@ -62,9 +79,12 @@ def _leaves(d, prefix=""):
 
 
 def test_common_config_is_the_schema():
-  """configs/common.py holds exactly the spec's fields and defaults (no drift)."""
+  """configs/common.py holds exactly the spec's fields and defaults (no drift), but for
+  the edit values tuned per method family."""
   from_common = experiment.ExperimentSpec.from_dict(common.base_config().to_dict())
-  assert from_common == experiment.ExperimentSpec()
+  spec = experiment.ExperimentSpec()
+  tuned = dataclasses.replace(spec.edit, **common.TUNED_EDIT["fact_lookup"])
+  assert from_common == dataclasses.replace(spec, edit=tuned)
   spec_keys = {k for k, _ in _leaves(experiment.ExperimentSpec().to_json())}
   common_keys = {k for k, _ in _leaves(common.base_config().to_dict())}
   # Only derived fields are not settable on their own: nested seeds (copied from

@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from configs import study_sports
+from configs import common, study_sports
 from mech_unlearn_jax import io, study
 from mech_unlearn_jax.experiment import ConfigError
 from mech_unlearn_jax.experiment import run as run_lib
+from mech_unlearn_jax.localize import select
 from mech_unlearn_jax.localize.select import METHODS
 from tests.conftest import REFERENCE_DATA
 
@@ -48,6 +49,14 @@ def test_real_study_config_has_every_setting_method_and_seed():
   assert (cf.seed, cf.data.task, cf.data.split, cf.localize.method) == (3, "counterfact", "random_16", "ap")
   assert cf.eval.formats == ("standard", "paraphrase", "neighborhood", "mc")
   assert cf.edit.seed == 3  # the one seed reaches the nested configs
+  # Each cell edits with its method's family's tuned values (METHOD §3), in every setting.
+  for setting in ("sports_random16", "counterfact_random16"):
+    for method in ("fact_lookup", "ap", "ct_mlps", "random_mlps", "all_mlps", "nonlocalized"):
+      edit = config.cell_spec(study.Cell(setting, method, 0)).edit
+      tuned = common.TUNED_EDIT[select.FAMILY_OF[method]]
+      assert (edit.lr, edit.forget_coef) == (tuned["lr"], tuned["forget_coef"]), (setting, method)
+  with pytest.raises(ConfigError, match="tuned_edit: unknown tuning famil"):
+    study.StudyConfig.from_dict(dict(study_sports.get_config().to_dict(), tuned_edit={"ap": {"lr": 1.0}}))
   # Shared outputs: one knowledge filter per model and data, evidence per setting and seed.
   a = study.shared_outputs(
     config.cell_spec(study.Cell("sports_random16", "ap", 0)), "sports_random16", run_lib.pathlib.Path("w")
