@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: a matmul peak timed in-process, FLOP counts, peak RSS.
+"""Shared benchmark helpers: a matmul peak timed in-process, FLOP counts, peak RSS, the
+sports prompt batch.
 
 Benchmarks report ratios measured in the same run (MFU = analytic FLOPs / wall time /
 peak, with the peak timed here), because absolute timings on shared machines are noise.
@@ -13,7 +14,24 @@ import time
 import jax
 import jax.numpy as jnp
 
+from mech_unlearn_jax.batch import FactBatch, make_fact_batch
+from mech_unlearn_jax.data import formats
 from mech_unlearn_jax.models.config import TransformerConfig
+
+SPORTS = ("basketball", "baseball", "football")
+
+
+def sports_batch(tokenizer, facts) -> FactBatch:
+  """`facts` in the standard sports prompt, the true sport against the two others."""
+  template = formats.SportsTemplateFormat(name="standard").template
+  ids = {s: tokenizer.single_token_id(" " + s) for s in SPORTS}
+  return make_fact_batch(
+      tokenizer,
+      [template.replace("{athlete}", f.athlete) for f in facts],
+      [f.athlete for f in facts],
+      [ids[f.sport] for f in facts],
+      [[ids[s] for s in SPORTS if s != f.sport] for f in facts],
+  )
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:

@@ -21,6 +21,13 @@ torch given as many threads as the machine has cores. Rows:
              or every attention and MLP matrix. Transformers: eager PyTorch (no
              torch.compile), last-position logits for the facts, frozen weights with
              requires_grad=False.
+  ap         attribution patching of every attention head and MLP output, 32 sports
+             prompts with corrupted subjects. Transformers: forward hooks, a clean run,
+             a corrupted run from embeddings that require grad, one backward of the
+             logit difference.
+  ct         causal tracing of all 18 MLPs and 72 heads (one noise sample, 3 sigma on
+             the subject embeddings). Transformers: a clean and a corrupted run, then one
+             hooked forward per restoration (92 forwards).
 
 Each row prints both sides' steady-state time (median of --repeats after a warm-up
 call that includes compilation), the ratio (transformers time / ours: above 1 means
@@ -39,18 +46,20 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks import common
 from benchmarks import edit as edit_bench
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.evals import scoring
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.models import forward, loaders
 
-ROWS = ("knowledge", "forward", "edit_mlps", "edit_blocks")
+ROWS = ("knowledge", "forward", "edit_mlps", "edit_blocks", "ap", "ct")
 # The performance issue's targets: ours must be this many times faster.
 TARGETS = {"knowledge": 1.2, "edit_mlps": 1.5, "edit_blocks": 1.5}
 _ROWS = flags.DEFINE_list("rows", list(ROWS), f"Which rows to run (of {ROWS}).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per side after the warm-up (median reported).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Prompts per chunk of the knowledge scan.")
+_LOCALIZE_PROMPTS = flags.DEFINE_integer("localize_prompts", 32, "Sports prompts of the ap and ct rows.")
 
 
 def _import_reference():
@@ -157,6 +166,114 @@ class Reference:
     return step
 
 
+  def _embeds(self, tokens_BxL, positions_BxL):
+    inputs = self._inputs(tokens_BxL, positions_BxL)
+    # Gemma's scaled embedding (x sqrt(d)) is applied inside embed_tokens.
+    return self.model.model.embed_tokens(inputs.pop("input_ids")), inputs
+
+  def _site_modules(self):
+    layers = self.model.model.layers
+    return [(l, "head_out", layer.self_attn.o_proj) for l, layer in enumerate(layers)] + [
+        (l, "mlp_out", layer.mlp) for l, layer in enumerate(layers)
+    ]
+
+  def attribution_patching(self, clean_BxL, corrupt_BxL, positions_BxL, answers_B, wrong_B) -> dict:
+    """AP scores per (layer, kind): (clean - corrupt) . d logit-difference / d activation."""
+    torch = self.torch
+    captured: dict = {}
+
+    def hook_for(key, is_input):
+      def hook(module, args, output=None):
+        x = args[0] if is_input else output
+        if x.requires_grad:
+          x.retain_grad()
+        captured[key] = x
+      return hook
+
+    handles = []
+    for layer, kind, module in self._site_modules():
+      if kind == "head_out":  # the heads' outputs are o_proj's input
+        handles.append(module.register_forward_pre_hook(hook_for((layer, kind), True)))
+      else:
+        handles.append(module.register_forward_hook(hook_for((layer, kind), False)))
+    rows = torch.arange(len(answers_B))
+    answers, wrong = torch.from_numpy(answers_B.astype(np.int64)), torch.from_numpy(wrong_B.astype(np.int64))
+    try:
+      with torch.no_grad():
+        embeds, inputs = self._embeds(clean_BxL, positions_BxL)
+        self.model(inputs_embeds=embeds, **inputs, logits_to_keep=1)
+      clean = {k: v.detach() for k, v in captured.items()}
+      embeds, inputs = self._embeds(corrupt_BxL, positions_BxL)
+      embeds = embeds.detach().requires_grad_(True)
+      logits = self.model(inputs_embeds=embeds, **inputs, logits_to_keep=1).logits[:, -1]
+      (logits[rows, answers] - logits[rows, wrong]).sum().backward()
+      heads = self.model.config.num_attention_heads
+      scores = {}
+      for key, act in captured.items():
+        contrib = (clean[key] - act.detach()) * act.grad
+        if key[1] == "head_out":
+          contrib = contrib.reshape(*contrib.shape[:2], heads, -1).sum(-1)
+        scores[key] = contrib.sum(dim=(0, 1)).numpy()
+      return scores
+    finally:
+      for h in handles:
+        h.remove()
+
+  def causal_tracing(self, tokens_BxL, positions_BxL, subject_BxL, answers_B) -> dict:
+    """p(answer) recovered by restoring each MLP's and each head's clean output (all positions)."""
+    torch = self.torch
+    captured, restore = {}, {}
+
+    def hook_for(key, is_input):
+      def hook(module, args, output=None):
+        if key in restore:  # replace the site's value with its clean one
+          if is_input:
+            x = args[0].clone()
+            hd = x.shape[-1] // self.model.config.num_attention_heads
+            sl = slice(restore[key][1] * hd, (restore[key][1] + 1) * hd)
+            x[..., sl] = restore[key][0][..., sl]
+            return (x,)
+          return restore[key][0]
+        captured[key] = args[0] if is_input else output
+        return None
+      return hook
+
+    handles = []
+    for layer, kind, module in self._site_modules():
+      if kind == "head_out":
+        handles.append(module.register_forward_pre_hook(hook_for((layer, kind), True)))
+      else:
+        handles.append(module.register_forward_hook(hook_for((layer, kind), False)))
+    rows = torch.arange(len(answers_B))
+    answers = torch.from_numpy(answers_B.astype(np.int64))
+    subject = torch.from_numpy(subject_BxL)[..., None]
+    try:
+      with torch.inference_mode():
+        embeds, inputs = self._embeds(tokens_BxL, positions_BxL)
+        self.model(inputs_embeds=embeds, **inputs, logits_to_keep=1)
+        clean = dict(captured)
+        generator = torch.Generator().manual_seed(0)
+        noise_scale = 3 * float(embeds[subject[..., 0]].std())  # ROME's 3 sigma of subject embeddings
+        noise = torch.randn(embeds.shape, generator=generator) * noise_scale
+        corrupted = embeds + noise * subject
+
+        def p_answer():
+          logits = self.model(inputs_embeds=corrupted, **inputs, logits_to_keep=1).logits[:, -1]
+          return torch.softmax(logits.float(), -1)[rows, answers].numpy()
+
+        out = {"corrupted": p_answer()}
+        heads = self.model.config.num_attention_heads
+        for layer, kind, _ in self._site_modules():
+          for head in range(heads) if kind == "head_out" else (None,):
+            restore.clear()
+            restore[(layer, kind)] = (clean[(layer, kind)], head)
+            out[(layer, kind, head)] = p_answer()
+        return out
+    finally:
+      for h in handles:
+        h.remove()
+
+
 def reference_names(case: str, num_layers: int) -> set[str]:
   """transformers parameter names of `benchmarks.edit`'s trainable case."""
   mlp = ("gate_proj", "up_proj", "down_proj")
@@ -229,6 +346,28 @@ def main(argv):
     ours_case = edit_bench.run_case(case)  # its own model copy: the step donates its buffers
     ours = (ours_case["first_step_s"] + ours_case["compile_s"], ours_case["step_s_median"])
     results.append(_report(f"edit_{case}", ours, theirs, "s", f"  (ours: median of --steps={edit_bench._STEPS.value} steps)"))
+  if "ap" in _ROWS.value or "ct" in _ROWS.value:
+    from mech_unlearn_jax.data import facts as facts_lib  # pylint: disable=g-import-not-at-top
+    from mech_unlearn_jax.localize import attribution_patching as ap  # pylint: disable=g-import-not-at-top
+    from mech_unlearn_jax.localize import causal_tracing as ct  # pylint: disable=g-import-not-at-top
+    from mech_unlearn_jax.localize import corruption  # pylint: disable=g-import-not-at-top
+
+    batch = common.sports_batch(tokenizer, facts_lib.load_sports_facts()[: _LOCALIZE_PROMPTS.value])
+    pool = corruption.ascii_token_ids(tokenizer, tokenizer.vocab_size)
+    corrupt = corruption.corrupt_subjects(tokenizer, batch, pool, seed=0)
+    tokens, positions = np.asarray(batch.tokens_BxL), np.asarray(batch.positions_BxL)
+    answers, wrong = np.asarray(batch.answer_ids_B), np.asarray(batch.wrong_ids_BxK)[:, 0]
+    if "ap" in _ROWS.value:
+      ours = _median_time(lambda: jax.block_until_ready(ap.attribution_patching(model, batch, corrupt).scores), repeats)
+      theirs = _median_time(lambda: reference.attribution_patching(tokens, corrupt, positions, answers, wrong), repeats)
+      results.append(_report("ap", ours, theirs, "s", f"  ({model.config.num_layers} layers x (heads + MLP))"))
+    if "ct" in _ROWS.value:
+      subject = np.asarray(batch.subject_mask_BxL)
+      ct_config = ct.CTConfig(num_samples=1)
+      ours = _median_time(lambda: ct.causal_tracing(model, batch, ct_config), 1)
+      theirs = _median_time(lambda: reference.causal_tracing(tokens, positions, subject, answers), 1)
+      restorations = model.config.num_layers * (model.config.num_heads + 1)
+      results.append(_report("ct", ours, theirs, "s", f"  ({restorations} restorations, one noise sample)"))
   missed = [r["row"] for r in results if r["target"] is not None and r["ratio"] < r["target"]]
   print("targets: " + ("all met" if not missed else f"NOT met for {missed}"))
 

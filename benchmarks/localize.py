@@ -29,9 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from mech_unlearn_jax.batch import FactBatch, make_fact_batch
 from mech_unlearn_jax.data import facts as facts_lib
-from mech_unlearn_jax.data import formats
 from mech_unlearn_jax.localize import attribution_patching as ap
 from mech_unlearn_jax.localize import causal_tracing as ct
 from mech_unlearn_jax.localize import corruption
@@ -48,21 +46,6 @@ flags.DEFINE_integer("spearman_prompts", 16, "Known facts for the AP-vs-patching
 flags.DEFINE_integer("spearman_heads", 24, "Heads sampled for the correlation (all MLPs are used).")
 flags.DEFINE_integer("seed", 0, "Corruption / sampling seed.")
 flags.DEFINE_list("methods", ["ap", "ct"], "Which of ap, ct to time.")
-
-SPORTS = ("basketball", "baseball", "football")
-
-
-def sports_batch(tokenizer, facts) -> FactBatch:
-  template = formats.SportsTemplateFormat(name="standard").template
-  ids = {s: tokenizer.single_token_id(" " + s) for s in SPORTS}
-  return make_fact_batch(
-      tokenizer,
-      [template.replace("{athlete}", f.athlete) for f in facts],
-      [f.athlete for f in facts],
-      [ids[f.sport] for f in facts],
-      [[ids[s] for s in SPORTS if s != f.sport] for f in facts],
-  )
-
 
 def timed(fn, repeats):
   """(first-call seconds, median steady seconds) of a function that blocks."""
@@ -112,7 +95,7 @@ def ct_flops(c: TransformerConfig, batch: int, width: int, start: int, samples: 
 
 def known_facts(model, tokenizer, candidates, count):
   """The first `count` facts whose true sport gets >= 0.5 of the 3-way probability."""
-  batch = sports_batch(tokenizer, candidates)
+  batch = common.sports_batch(tokenizer, candidates)
   logits = np.asarray(forward.jitted_last_logits(model, batch.tokens_BxL, batch.positions_BxL))
   cands = batch.candidate_ids_BxC
   picked = np.take_along_axis(logits, cands, 1)
@@ -165,7 +148,7 @@ def time_ct(model, batch, fwd, peak):
 def spearman_report(model, tokenizer, facts, pool):
   config = model.config
   known = known_facts(model, tokenizer, facts[: 8 * FLAGS.spearman_prompts], FLAGS.spearman_prompts)
-  small = sports_batch(tokenizer, known)
+  small = common.sports_batch(tokenizer, known)
   small_corrupt = corruption.corrupt_subjects(tokenizer, small, pool, seed=FLAGS.seed)
   t = time.perf_counter()
   report = ap.compare_with_activation_patching(
@@ -189,7 +172,7 @@ def main(argv):
   tokenizer = load_tokenizer(FLAGS.model)
   model = loaders.load_model(FLAGS.model)
   facts = facts_lib.load_sports_facts()
-  batch = sports_batch(tokenizer, facts[: FLAGS.num_prompts])
+  batch = common.sports_batch(tokenizer, facts[: FLAGS.num_prompts])
   pool = corruption.ascii_token_ids(tokenizer, tokenizer.vocab_size)
   corrupt = corruption.corrupt_subjects(tokenizer, batch, pool, seed=FLAGS.seed)
   b, width = batch.tokens_BxL.shape
