@@ -40,13 +40,32 @@ def stage_line(name: str, seconds: float, detail: str = "") -> None:
     print(f"{text}  {detail}" if detail else text, file=sys.stderr, flush=True)
 
 
+def peak_rss_bytes() -> int | None:
+  """This process's peak resident set so far (Linux VmHWM), or None elsewhere."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 @contextlib.contextmanager
 def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[dict[str, Any]]:
-  """Times a block; yields a dict whose "detail" key ends up on the stage line."""
+  """Times a block; yields a dict whose "detail" key ends up on the stage line.
+
+  A stage during which the process's peak resident memory rose says so on its line,
+  so the stage that sets a run's peak memory is visible without a profiler.
+  """
   info: dict[str, Any] = {"detail": ""}
-  start = time.time()
+  start, peak_before = time.time(), peak_rss_bytes()
   yield info
   seconds = time.time() - start
   if timings is not None:
     timings[name] = seconds
-  stage_line(name, seconds, info["detail"])
+  detail, peak = info["detail"], peak_rss_bytes()
+  if peak is not None and peak_before is not None and peak > peak_before:
+    detail = f"{detail}  [peak RSS {peak / 2**30:.2f} GiB]".strip()
+  stage_line(name, seconds, detail)

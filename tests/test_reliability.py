@@ -9,6 +9,8 @@ import dataclasses
 import math
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -443,3 +445,25 @@ def test_release_compiled_code_frees_memory_mappings():
   assert grown > before + 40  # each executable maps its own code
   assert maps() < grown - 40
   del keep
+
+
+def test_stage_line_names_the_stage_that_raised_peak_memory():
+  # A fresh process, so its peak is small and a 400 MB allocation raises it.
+  code = (
+      "import numpy as np\n"
+      "from mech_unlearn_jax import progress\n"
+      "with progress.stage('allocate'):\n"
+      "  a = np.ones(50_000_000)\n"
+      "with progress.stage('nothing new'):\n"
+      "  b = a.sum()\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+      env=dict(os.environ, MECH_UNLEARN_JAX_PROGRESS="1"),
+  )
+  lines = [l for l in out.stderr.splitlines() if l.startswith("[mech_unlearn_jax]")]
+  assert len(lines) == 2, out.stderr
+  assert "allocate" in lines[0] and "[peak RSS" in lines[0]
+  peak = float(lines[0].split("[peak RSS ")[1].split(" GiB")[0])
+  assert peak >= 0.37  # the 400 MB array is resident
+  assert "nothing new" in lines[1] and "peak RSS" not in lines[1]
