@@ -24,7 +24,7 @@ from mech_unlearn_jax.localize.select import FAMILY_OF, METHODS
 TUNED_EDIT = {
     "fact_lookup": {"lr": 1e-4, "forget_coef": 0.3},
     "output_tracing": {"lr": 1e-4, "forget_coef": 1.0},
-    "nonlocalized": {"lr": 1e-5, "forget_coef": 3.0},
+    "nonlocalized": {"lr": 3e-6, "forget_coef": 3.0},
 }
 
 
