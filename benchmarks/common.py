@@ -7,8 +7,6 @@ peak, with the peak timed here), because absolute timings on shared machines are
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 
 import jax
@@ -17,6 +15,7 @@ import jax.numpy as jnp
 from mech_unlearn_jax.batch import FactBatch, make_fact_batch
 from mech_unlearn_jax.data import formats
 from mech_unlearn_jax.models.config import TransformerConfig
+from mech_unlearn_jax.progress import peak_rss_bytes  # noqa: F401  (re-exported for the benchmarks)
 
 SPORTS = ("basketball", "baseball", "football")
 
@@ -72,7 +71,3 @@ def forward_flops(config: TransformerConfig, lengths, logits_positions_per_row: 
   return total
 
 
-def peak_rss_bytes() -> int:
-  """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return rss if sys.platform == "darwin" else rss * 1024

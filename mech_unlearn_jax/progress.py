@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -40,16 +41,10 @@ def stage_line(name: str, seconds: float, detail: str = "") -> None:
     print(f"{text}  {detail}" if detail else text, file=sys.stderr, flush=True)
 
 
-def peak_rss_bytes() -> int | None:
-  """This process's peak resident set so far (Linux VmHWM), or None elsewhere."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
+def peak_rss_bytes() -> int:
+  """This process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == "darwin" else rss * 1024
 
 
 @contextlib.contextmanager
@@ -66,6 +61,6 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[dict[s
   if timings is not None:
     timings[name] = seconds
   detail, peak = info["detail"], peak_rss_bytes()
-  if peak is not None and peak_before is not None and peak > peak_before:
+  if peak > peak_before:
     detail = f"{detail}  [peak RSS {peak / 2**30:.2f} GiB]".strip()
   stage_line(name, seconds, detail)
