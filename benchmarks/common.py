@@ -7,6 +7,7 @@ peak, with the peak timed here), because absolute timings on shared machines are
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -71,3 +72,14 @@ def forward_flops(config: TransformerConfig, lengths, logits_positions_per_row: 
   return total
 
 
+def timed(fn, repeats):
+  """(first-call seconds, median steady seconds) of a function that blocks."""
+  t = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t
+  steady = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    steady.append(time.perf_counter() - t)
+  return first, statistics.median(steady)

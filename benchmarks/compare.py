@@ -39,7 +39,6 @@ background load slows both. A parity line checks that both load the same functio
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 import jax
@@ -72,19 +71,6 @@ def _import_reference():
         " `pip install -r requirements-bench.txt`"
     ) from None
   return torch, transformers
-
-
-def _median_time(fn, repeats: int) -> tuple[float, float]:
-  """(first call seconds, median of `repeats` further calls)."""
-  t = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return first, statistics.median(times)
 
 
 def _length_sorted_chunks(tokens_BxL: np.ndarray, positions_BxL: np.ndarray, chunk: int):
@@ -324,9 +310,9 @@ def main(argv):
   results = []
   if "knowledge" in _ROWS.value:
     n = knowledge.size
-    ours = _median_time(lambda: scoring.score_facts(model, knowledge, _CHUNK.value), repeats)
-    best = _median_time(lambda: reference.knowledge_scan(knowledge, _CHUNK.value, 1), repeats)
-    full = _median_time(lambda: reference.knowledge_scan(knowledge, _CHUNK.value, 0), 1)
+    ours = common.timed(lambda: scoring.score_facts(model, knowledge, _CHUNK.value), repeats)
+    best = common.timed(lambda: reference.knowledge_scan(knowledge, _CHUNK.value, 1), repeats)
+    full = common.timed(lambda: reference.knowledge_scan(knowledge, _CHUNK.value, 0), 1)
     results.append(_report(
         "knowledge", ours, best, "s",
         f"  ({n / ours[1]:.1f} vs {n / best[1]:.1f} prompts/s; transformers with full logits"
@@ -334,15 +320,15 @@ def main(argv):
     ))
   if "forward" in _ROWS.value:
     jitted = lambda: np.asarray(forward.jitted_last_logits(model, tokens, positions))
-    ours = _median_time(jitted, repeats)
-    theirs = _median_time(lambda: reference.last_log_probs(tokens, positions), repeats)
+    ours = common.timed(jitted, repeats)
+    theirs = common.timed(lambda: reference.last_log_probs(tokens, positions), repeats)
     results.append(_report("forward", ours, theirs, "s"))
   for case in ("mlps", "blocks"):
     if f"edit_{case}" not in _ROWS.value:
       continue
     forget, retain = edit_bench.workload(tokenizer, model.config.vocab_size)
     step = reference.edit_step_fn(forget, retain, reference_names(case, model.config.num_layers))
-    theirs = _median_time(step, repeats)
+    theirs = common.timed(step, repeats)
     ours_case = edit_bench.run_case(case)  # its own model copy: the step donates its buffers
     ours = (ours_case["first_step_s"] + ours_case["compile_s"], ours_case["step_s_median"])
     results.append(_report(f"edit_{case}", ours, theirs, "s", f"  (ours: median of --steps={edit_bench._STEPS.value} steps)"))
@@ -358,14 +344,14 @@ def main(argv):
     tokens, positions = np.asarray(batch.tokens_BxL), np.asarray(batch.positions_BxL)
     answers, wrong = np.asarray(batch.answer_ids_B), np.asarray(batch.wrong_ids_BxK)[:, 0]
     if "ap" in _ROWS.value:
-      ours = _median_time(lambda: jax.block_until_ready(ap.attribution_patching(model, batch, corrupt).scores), repeats)
-      theirs = _median_time(lambda: reference.attribution_patching(tokens, corrupt, positions, answers, wrong), repeats)
+      ours = common.timed(lambda: jax.block_until_ready(ap.attribution_patching(model, batch, corrupt).scores), repeats)
+      theirs = common.timed(lambda: reference.attribution_patching(tokens, corrupt, positions, answers, wrong), repeats)
       results.append(_report("ap", ours, theirs, "s", f"  ({model.config.num_layers} layers x (heads + MLP))"))
     if "ct" in _ROWS.value:
       subject = np.asarray(batch.subject_mask_BxL)
       ct_config = ct.CTConfig(num_samples=1)
-      ours = _median_time(lambda: ct.causal_tracing(model, batch, ct_config), 1)
-      theirs = _median_time(lambda: reference.causal_tracing(tokens, positions, subject, answers), 1)
+      ours = common.timed(lambda: ct.causal_tracing(model, batch, ct_config), 1)
+      theirs = common.timed(lambda: reference.causal_tracing(tokens, positions, subject, answers), 1)
       restorations = model.config.num_layers * (model.config.num_heads + 1)
       results.append(_report("ct", ours, theirs, "s", f"  ({restorations} restorations, one noise sample)"))
   missed = [r["row"] for r in results if r["target"] is not None and r["ratio"] < r["target"]]

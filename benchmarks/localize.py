@@ -21,7 +21,6 @@ as one more forward (activation gradients only: parameters are constants).
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
@@ -46,18 +45,6 @@ flags.DEFINE_integer("spearman_prompts", 16, "Known facts for the AP-vs-patching
 flags.DEFINE_integer("spearman_heads", 24, "Heads sampled for the correlation (all MLPs are used).")
 flags.DEFINE_integer("seed", 0, "Corruption / sampling seed.")
 flags.DEFINE_list("methods", ["ap", "ct"], "Which of ap, ct to time.")
-
-def timed(fn, repeats):
-  """(first-call seconds, median steady seconds) of a function that blocks."""
-  t = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t
-  steady = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    steady.append(time.perf_counter() - t)
-  return first, statistics.median(steady)
 
 
 def layer_flops(c: TransformerConfig, seqs: float, q_cols: int, kv_cols: int, new_cols: int) -> float:
@@ -116,7 +103,7 @@ def time_ap(model, batch, corrupt, fwd, peak):
   def run():
     jax.block_until_ready(ap.attribution_patching(model, batch, corrupt).scores)
 
-  first, steady = timed(run, FLAGS.repeats)
+  first, steady = common.timed(run, FLAGS.repeats)
   b, width = batch.tokens_BxL.shape
   start = ap.first_differing_column(batch.tokens_BxL, corrupt)
   flops = ap_flops(model.config, b, width, start)
@@ -130,7 +117,7 @@ def time_ap(model, batch, corrupt, fwd, peak):
 def time_ct(model, batch, fwd, peak):
   config = model.config
   ct_config = ct.CTConfig(num_samples=FLAGS.ct_samples)
-  first, steady = timed(lambda: ct.causal_tracing(model, batch, ct_config), FLAGS.repeats)
+  first, steady = common.timed(lambda: ct.causal_tracing(model, batch, ct_config), FLAGS.repeats)
   b, width = batch.tokens_BxL.shape
   start = int(np.asarray(batch.subject_mask_BxL).any(0).argmax())
   restorations = config.num_layers * (config.num_heads + 1)
@@ -182,7 +169,7 @@ def main(argv):
       f"batch: {b} prompts x {width} columns (first subject column"
       f" {int(np.asarray(batch.subject_mask_BxL).any(0).argmax())}); peak fp32 matmul {peak / 1e9:.1f} GFLOP/s"
   )
-  fwd_first, fwd = timed(
+  fwd_first, fwd = common.timed(
       lambda: forward.jitted_last_logits(model, batch.tokens_BxL, batch.positions_BxL).block_until_ready(),
       FLAGS.repeats,
   )
