@@ -42,7 +42,20 @@ def stage_line(name: str, seconds: float, detail: str = "") -> None:
 
 
 def peak_rss_bytes() -> int:
-  """This process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+  """This process's peak resident set size so far, in bytes.
+
+  On Linux this is VmHWM from /proc/self/status: the high-water mark of this address
+  space. Not ru_maxrss, because Linux carries ru_maxrss over fork and exec, so a process
+  started by a big parent (a test runner, a study driver) would report the parent's peak.
+  Elsewhere ru_maxrss (bytes on macOS).
+  """
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return rss if sys.platform == "darwin" else rss * 1024
 

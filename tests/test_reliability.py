@@ -448,7 +448,10 @@ def test_release_compiled_code_frees_memory_mappings():
 
 
 def test_stage_line_names_the_stage_that_raised_peak_memory():
-  # A fresh process, so its peak is small and a 400 MB allocation raises it.
+  # A fresh process, so its peak is small and a 400 MB allocation raises it. The parent
+  # first holds more than that (as a test runner does): Linux carries ru_maxrss over
+  # fork and exec, so a peak read from it would start above the child's allocation.
+  ballast = np.ones(100_000_000)
   code = (
       "import numpy as np\n"
       "from mech_unlearn_jax import progress\n"
@@ -467,3 +470,5 @@ def test_stage_line_names_the_stage_that_raised_peak_memory():
   peak = float(lines[0].split("[peak RSS ")[1].split(" GiB")[0])
   assert peak >= 0.37  # the 400 MB array is resident
   assert "nothing new" in lines[1] and "peak RSS" not in lines[1]
+  assert peak < ballast.nbytes / 2**30  # the child's own peak, not its parent's
+  del ballast
