@@ -18,14 +18,12 @@ it is per micro-batch), optimizer-state bytes and peak RSS. On a shared machine 
 times are noisy; `mfu_cpu_time` (FLOPs per process-CPU-second of the step over those of
 the matmul) is the figure that other processes do not distort. Each case runs
 in a fresh subprocess so that peak RSS is per case (freed heap is returned to the OS
-after loading and compiling, see `release_free_heap`).
+after loading and compiling, see `progress.release_free_heap`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import json
 import os
 import subprocess
@@ -38,6 +36,7 @@ from absl import app, flags
 
 from benchmarks import common
 from mech_unlearn_jax import batch as batch_lib
+from mech_unlearn_jax import progress
 from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.batch import make_fact_batch
 from mech_unlearn_jax.models import loaders
@@ -144,19 +143,6 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
   return 2 * n**3 / best_wall, 2 * n**3 / best_cpu
 
 
-def release_free_heap() -> None:
-  """Returns freed heap pages to the OS (glibc), so peak RSS counts live memory.
-
-  Loading the checkpoint leaves hundreds of MB of freed-but-resident heap that a
-  training process does not need; without this the figure is ~0.25 GB higher.
-  """
-  gc.collect()
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass  # not glibc: report what the allocator keeps
-
-
 def workload(tokenizer, vocab_size: int) -> tuple[batch_lib.FactBatch, train_lib.TextBatch]:
   """The step's data: 32 facts toward their edit targets, 8 random-token retain windows."""
   from mech_unlearn_jax.data.facts import load_sports_facts  # pylint: disable=g-import-not-at-top
@@ -206,7 +192,7 @@ def run_case(case: str) -> dict[str, float]:
   # them, so the model is dead from here); drop the model and the tokenizer so peak
   # RSS reflects what a training process must hold.
   del params, model, tokenizer
-  release_free_heap()
+  progress.release_free_heap()
   rng_key = jax.random.key(0)
   kwargs = dict(
       trainable=trainable, update_mask=update_mask, loss_fn=train_lib.EditLoss(config), config=config
@@ -218,7 +204,7 @@ def run_case(case: str) -> dict[str, float]:
   t = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  release_free_heap()
+  progress.release_free_heap()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")

@@ -57,6 +57,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.localize.fact_lookup.probe.steps = 20
   c.localize.ct.num_samples = 2
   c.edit.steps = 3
+  c.edit.num_microbatches = 1  # a 4-row batch: nothing to save
   c.edit.forget_batch_size = 4
   c.edit.maintain_batch_size = 4
   c.edit.retain_batch_size = 4

@@ -10,6 +10,8 @@ in logs of batch jobs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import resource
 import sys
@@ -60,12 +62,36 @@ def peak_rss_bytes() -> int:
   return rss if sys.platform == "darwin" else rss * 1024
 
 
+def release_free_heap() -> None:
+  """Returns freed heap pages to the OS (glibc's malloc_trim), after a garbage collection.
+
+  XLA's compiler and many mid-sized buffers are served from glibc's heap, which keeps
+  freed pages resident: without this, what a stage freed (a compilation's scratch
+  memory, the previous stage's activations) stays in RSS and adds to the next stage's
+  peak. A no-op where the C library has no malloc_trim.
+  """
+  gc.collect()
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 @contextlib.contextmanager
-def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[dict[str, Any]]:
+def stage(
+    name: str, timings: dict[str, float] | None = None, *, release_compiled: bool = False
+) -> Iterator[dict[str, Any]]:
   """Times a block; yields a dict whose "detail" key ends up on the stage line.
 
   A stage during which the process's peak resident memory rose says so on its line,
-  so the stage that sets a run's peak memory is visible without a profiler.
+  so the stage that sets a run's peak memory is visible without a profiler. Freed
+  heap is returned to the OS after every stage (`release_free_heap`), so one stage's
+  garbage does not count towards the next one's peak. With `release_compiled`, the
+  stage's compiled executables are dropped too (`compile_cache.release_compiled_code`):
+  an XLA:CPU executable of the 270M model holds tens of MB, so a run's stages would
+  otherwise pile up a GB of code they no longer call; a later stage of the same shapes
+  reads them back from the persistent compilation cache. MECH_UNLEARN_JAX_KEEP_COMPILED=1
+  keeps them (a test suite of tiny models, whose many short stages would recompile).
   """
   info: dict[str, Any] = {"detail": ""}
   start, peak_before = time.time(), peak_rss_bytes()
@@ -77,3 +103,8 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[dict[s
   if peak > peak_before:
     detail = f"{detail}  [peak RSS {peak / 2**30:.2f} GiB]".strip()
   stage_line(name, seconds, detail)
+  if release_compiled and os.environ.get("MECH_UNLEARN_JAX_KEEP_COMPILED", "0") in ("0", "false", ""):
+    from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
+
+    compile_cache.release_compiled_code()
+  release_free_heap()

@@ -4,6 +4,11 @@ import pathlib
 
 import pytest
 
+# Pipeline stages keep their compiled executables: tiny models' executables are small,
+# and the suite's many short runs would otherwise recompile at every stage (the release
+# itself is tested in test_reliability.py).
+os.environ.setdefault("MECH_UNLEARN_JAX_KEEP_COMPILED", "1")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_DATA = pathlib.Path(
     os.environ.get("MECH_UNLEARN_REFERENCE_DATA", REPO_ROOT.parent / "shared" / "data" / "reference")

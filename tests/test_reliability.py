@@ -472,3 +472,43 @@ def test_stage_line_names_the_stage_that_raised_peak_memory():
   assert "nothing new" in lines[1] and "peak RSS" not in lines[1]
   assert peak < ballast.nbytes / 2**30  # the child's own peak, not its parent's
   del ballast
+
+
+def test_release_free_heap_returns_freed_pages_to_the_os():
+  # A fresh process: 200 MB of heap blocks (64 KiB each: above pymalloc's small-object
+  # limit, below glibc's mmap threshold), every other one freed: the heap cannot shrink
+  # from its top, so the freed half stays resident until malloc_trim hands it back.
+  code = (
+      "from mech_unlearn_jax import progress\n"
+      "def rss():\n"
+      "  return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
+      "blocks = [bytearray(65536) for _ in range(3_200)]\n"
+      "for b in blocks:\n"
+      "  b[::4096] = b'x' * 16\n"  # touch every page
+      "del blocks[::2]\n"
+      "before = rss()\n"
+      "progress.release_free_heap()\n"
+      "print(before - rss())\n"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  released_kib = int(out.stdout.split()[-1])
+  assert released_kib > 50_000, out.stdout  # most of the ~100 MB freed
+
+
+def test_stage_with_release_compiled_drops_the_stages_executables(monkeypatch):
+  from mech_unlearn_jax import progress
+
+  monkeypatch.delenv("MECH_UNLEARN_JAX_KEEP_COMPILED", raising=False)  # the suite keeps them
+
+  double = jax.jit(lambda x: 2 * x)
+  with progress.stage("keeps its code"):
+    double(jnp.ones(3))
+  assert double._cache_size() == 1
+  with progress.stage("drops its code", release_compiled=True):
+    double(jnp.ones(4))
+  assert double._cache_size() == 0
+  np.testing.assert_array_equal(double(jnp.ones(3)), 2 * np.ones(3))  # recompiles on demand
+  monkeypatch.setenv("MECH_UNLEARN_JAX_KEEP_COMPILED", "1")
+  with progress.stage("kept on request", release_compiled=True):
+    pass
+  assert double._cache_size() == 1

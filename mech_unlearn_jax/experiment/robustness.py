@@ -187,7 +187,7 @@ def run_robustness(
       return {"cells": _eval_cells(m, tokenizer, task, all_formats, formats, halves.eval, halves.eval_targets, unlearn, batch_size)}
 
     for name, attacker in (("relearn_lora", config.relearn_lora), ("relearn_full", config.relearn_full)):
-      with progress.stage(name):
+      with progress.stage(name, release_compiled=True):
         results[name] = _staged(path(name), lambda a=attacker: relearn_lib.relearn_attack(model, data, evaluate, a, seed))
 
   if config.probes:
@@ -208,7 +208,7 @@ def run_robustness(
       )
       return res.to_json()
 
-    with progress.stage("latent probes"):
+    with progress.stage("latent probes", release_compiled=True):
       results["probes"] = _staged(path("probes"), probes)
 
   if config.soft_prompt:
@@ -216,13 +216,13 @@ def run_robustness(
     eval_batch = task.fact_batch(tokenizer, std, halves.eval)
     for name, attack in (("softprompt_prefix", config.softprompt_prefix), ("softprompt_adapter", config.softprompt_adapter)):
       attack = dataclasses.replace(attack, seed=seed)
-      with progress.stage(name):
+      with progress.stage(name, release_compiled=True):
         results[name] = _staged(
             path(name), lambda a=attack: softprompt_lib.soft_prompt_attack(model, train_batch, eval_batch, a).to_json()
         )
 
   if config.trivia:
-    with progress.stage("sport trivia"):
+    with progress.stage("sport trivia", release_compiled=True):
       results["trivia"] = _staged(
           path("trivia"),
           lambda: side_effects_lib.sport_trivia_eval(
@@ -237,6 +237,6 @@ def run_robustness(
           model, tokenizer, questions, dataclasses.replace(config.mc_eval, seed=seed)
       ).to_json()
 
-    with progress.stage("mc benchmark"):
+    with progress.stage("mc benchmark", release_compiled=True):
       results["mc_benchmark"] = _staged(path("mc_benchmark"), mc)
   return results

@@ -182,7 +182,7 @@ def _run(
   task = get_task(spec.data.task)
   unlearn = spec.edit.forget_loss == "unlearn"
 
-  with progress.stage("load model") as info:
+  with progress.stage("load model", release_compiled=True) as info:
     model, tokenizer = loaded or loaders.load_model_and_tokenizer(spec.model, spec.seed)
     model = place_model(model, spec.mesh)
     mesh = sharding.mesh_of(model)
@@ -191,14 +191,14 @@ def _run(
   if spec.localize.layers:
     select.check_layers(spec.localize.layers, model.config.num_layers)
 
-  with progress.stage("knowledge") as info:
+  with progress.stage("knowledge", release_compiled=True) as info:
     knowledge = stages.knowledge_stage(
         model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or workdir / "knowledge.json",
         compute_dtype=spec.compute_dtype,
     )
     info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
 
-  with progress.stage("split") as info:
+  with progress.stage("split", release_compiled=True) as info:
     split = stages.split_stage(
         task, knowledge.pool, spec.data.split, spec.seed,
         {"model": spec.model, "threshold": spec.data.known_threshold}, workdir / "split.json",
@@ -208,21 +208,21 @@ def _run(
         f" maintain {len(split.maintain_train)}/{len(split.maintain_test)}"
     )
 
-  with progress.stage("localize") as info:
+  with progress.stage("localize", release_compiled=True) as info:
     loc = stages.localization_stage(
         model, tokenizer, task, knowledge.pool, split, spec.localize, spec.seed,
         workdir / "localization", context={"model": spec.model}, evidence_dir=shared.evidence_dir,
     )
     info["detail"] = f"{loc.evidence['mask_name']}: {loc.trained_parameters:,} weights, FLU layers {loc.evidence['flu_layers']}"
 
-  with progress.stage("retain text"):
+  with progress.stage("retain text", release_compiled=True):
     retain = stages.retain_stage(model, tokenizer, spec.retain, spec.model, spec.seed)
 
   eval_args = dict(
       task=task, facts=knowledge.facts, split=split, config=spec.eval, data=spec.data,
       unlearn=unlearn, retain_heldout=retain.heldout, seed=spec.seed, compute_dtype=spec.compute_dtype,
   )
-  with progress.stage("evaluate unedited"):
+  with progress.stage("evaluate unedited", release_compiled=True):
     unedited_dir = shared.unedited_dir or workdir
     before = stages.evaluation_stage(model, tokenizer, path=unedited_dir / "evaluation" / "unedited.json", **eval_args)
 
@@ -232,12 +232,12 @@ def _run(
         spec, model, tokenizer, task, knowledge.facts, split, loc.mask, retain, workdir, eval_args
     )
   else:
-    with progress.stage("edit") as info:
+    with progress.stage("edit", release_compiled=True) as info:
       data = stages.edit_data(tokenizer, task, knowledge.facts, split, unlearn, retain.train)
       result = stages.edit_stage(model, loc.mask, data, spec.edit, workdir / "checkpoints", spec.model, split)
       info["detail"] = f"{len(result.history)} steps"
 
-  with progress.stage("evaluate edited"):
+  with progress.stage("evaluate edited", release_compiled=True):
     after = stages.evaluation_stage(
         result.model, tokenizer, original=model, path=workdir / "evaluation" / "edited.json", **eval_args
     )
@@ -302,12 +302,12 @@ def sequential_edits(spec, model, tokenizer, task, facts, split, mask, retain, w
   current, history, summaries = model, [], []
   for r in range(rounds):
     sub = round_split(split, rounds, r)
-    with progress.stage(f"edit round {r + 1}/{rounds}"):
+    with progress.stage(f"edit round {r + 1}/{rounds}", release_compiled=True):
       data = stages.edit_data(tokenizer, task, facts, sub, unlearn, retain.train)
       result = stages.edit_stage(current, mask, data, spec.edit, workdir / "checkpoints" / f"round_{r}", spec.model, sub)
     history += [dict(h, round=r) for h in result.history]
     current = result.model
-    with progress.stage(f"evaluate round {r + 1}"):
+    with progress.stage(f"evaluate round {r + 1}", release_compiled=True):
       ev = stages.evaluation_stage(
           current, tokenizer, original=model, path=workdir / "evaluation" / f"round_{r}.json",
           **dict(eval_args, split=sub),
@@ -354,11 +354,11 @@ def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.Pa
   with workdir_lock(workdir):
     check_or_write_config(spec, workdir)
     task = get_task(spec.data.task)
-    with progress.stage("load model"):
+    with progress.stage("load model", release_compiled=True):
       model, tokenizer = loaders.load_model_and_tokenizer(spec.model, spec.seed)
     if spec.localize.layers:
       select.check_layers(spec.localize.layers, model.config.num_layers)
-    with progress.stage("knowledge") as info:
+    with progress.stage("knowledge", release_compiled=True) as info:
       knowledge = stages.knowledge_stage(model, tokenizer, task, spec.data, spec.eval.batch_size, workdir / "knowledge.json")
       info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
     split = stages.split_stage(
@@ -368,7 +368,7 @@ def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.Pa
     summary, chosen = {}, {}
     for method in methods:
       config = dataclasses.replace(spec.localize, method=method)
-      with progress.stage(f"localize {method}") as info:
+      with progress.stage(f"localize {method}", release_compiled=True) as info:
         loc = stages.localization_stage(
             model, tokenizer, task, knowledge.pool, split, config, spec.seed,
             workdir / "localization" / method, context={"model": spec.model},
