@@ -362,3 +362,18 @@ def test_shared_prefix_gives_the_gradients_of_whole_rows(tiny_model, data):
   drawn = train_lib.make_batch_fn(train_lib.EditData(forget=forget), config, share_prefix=True)(0)
   assert drawn.forget.prefix_BxP is not None
   assert train_lib.make_batch_fn(train_lib.EditData(forget=forget), config)(0).forget.prefix_BxP is None
+
+
+def test_compiled_ahead_step_runs_batches_of_other_shapes_through_jit():
+  from mech_unlearn_jax.train import loop
+
+  def step(state, batch, rng, *, trainable, update_mask, loss_fn, config):
+    del rng, update_mask, loss_fn, config
+    return state + batch.sum() * trainable
+
+  jitted = jax.jit(step, static_argnames=("loss_fn", "config"))
+  ahead = loop._CompiledAhead(jitted, trainable=jnp.float32(2.0), update_mask=None, loss_fn="l", config="c")
+  key = jax.random.key(0)
+  assert float(ahead(jnp.zeros(()), jnp.ones(3), key)) == 6.0  # compiled ahead for [3]
+  assert float(ahead(jnp.zeros(()), jnp.ones(5), key)) == 10.0  # another shape: the jit path
+  assert float(ahead(jnp.ones(()), jnp.ones(3), key)) == 7.0
