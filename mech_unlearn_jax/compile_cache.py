@@ -20,7 +20,9 @@ def default_dir() -> pathlib.Path:
 
 def enable(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
   """Turns the persistent cache on (returns its folder), unless disabled by the env."""
-  if os.environ.get("MECH_UNLEARN_JAX_COMPILATION_CACHE", "1") in ("0", "false", ""):
+  from mech_unlearn_jax import progress  # pylint: disable=g-import-not-at-top
+
+  if not progress.env_switch("MECH_UNLEARN_JAX_COMPILATION_CACHE", True):
     return None
   import jax  # pylint: disable=g-import-not-at-top
 

@@ -22,8 +22,14 @@ from typing import Any
 from tqdm import auto as tqdm_auto
 
 
+def env_switch(name: str, default: bool) -> bool:
+  """An on/off environment variable: "0", "false" or empty is off, anything else on."""
+  value = os.environ.get(name)
+  return default if value is None else value not in ("0", "false", "")
+
+
 def enabled() -> bool:
-  return os.environ.get("MECH_UNLEARN_JAX_PROGRESS", "1") not in ("0", "false", "")
+  return env_switch("MECH_UNLEARN_JAX_PROGRESS", True)
 
 
 def bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
@@ -103,7 +109,7 @@ def stage(
   if peak > peak_before:
     detail = f"{detail}  [peak RSS {peak / 2**30:.2f} GiB]".strip()
   stage_line(name, seconds, detail)
-  if release_compiled and os.environ.get("MECH_UNLEARN_JAX_KEEP_COMPILED", "0") in ("0", "false", ""):
+  if release_compiled and not env_switch("MECH_UNLEARN_JAX_KEEP_COMPILED", False):
     from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
     compile_cache.release_compiled_code()
