@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from penzai import pz
 from penzai.models.transformer import model_parts
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.models import forward as forward_lib
 from mech_unlearn_jax.models.forward import named_inputs
 from mech_unlearn_jax.models.transformer import CausalLM
@@ -555,5 +556,5 @@ def capture(
   Returns named arrays with axes "batch", "seq" and the site's own axes (see
   `SITE_KINDS`).
   """
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   return _jitted_capture(unbound, params, tokens_BxL, positions_BxL, tuple(dict.fromkeys(sites)))

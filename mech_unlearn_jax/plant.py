@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax import io
 from mech_unlearn_jax import progress
 from mech_unlearn_jax import train as train_lib
@@ -775,7 +776,7 @@ def _top_k_targets(unbound, params, tokens_BxL, positions_BxL, *, k: int):
 
 def distill_text(model: Any, text: train_lib.TextBatch, k: int = 32, chunk_size: int = 4) -> DistillText:
   """`text` with `model`'s top-k next-token probabilities at every position."""
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   ids, probs = [], []
   for start in range(0, text.size, chunk_size):
     sl = slice(start, start + chunk_size)

@@ -340,6 +340,31 @@ def mesh_of(tree: Any) -> Mesh | None:
   return None
 
 
+def commit_to_device(tree: Any) -> Any:
+  """`tree` with every array committed to one device, unless it spans a mesh.
+
+  jit keys its compiled executables (and the persistent cache its HLO) on whether
+  each argument is committed to a device. A loaded model's arrays are not; the trained
+  leaves of an edited model are. Without this, every pattern of trained leaves (each
+  edited model, each attacked one) would compile every scorer and training step anew.
+  Committing aliases the buffer, it does not copy it.
+  """
+  if mesh_of(tree) is not None:
+    return tree
+  device = local_device()
+  return jax.tree.map(
+      lambda x: jax.device_put(x, device) if isinstance(x, jax.Array) and not x.committed else x, tree
+  )
+
+
+def unbind_for_jit(model: Any) -> tuple[Any, Any]:
+  """`pz.unbind_params(model, freeze=True)` with the values committed to one device
+  (`commit_to_device`), so that every model of the same structure reuses one
+  compiled executable."""
+  unbound, params = pz.unbind_params(model, freeze=True)
+  return unbound, commit_to_device(params)
+
+
 def to_host(x: Any) -> np.ndarray:
   """`np.asarray(x)` that also works for an array spanning several processes.
 

@@ -138,3 +138,21 @@ def test_soft_prompted_models_are_scored_whole(tiny):
   a = scoring.score_facts(prompted, batch)
   b = scoring.score_facts(prompted, batch, share_prefix=False)
   np.testing.assert_allclose(a.logprob_full, b.logprob_full, atol=1e-6)
+
+
+def test_an_edited_model_reuses_the_unedited_models_compiled_scorer(tiny):
+  # Trained leaves come back committed to a device, loaded ones do not; jit (and the
+  # persistent cache, through the HLO) keys on that, so without committing every
+  # edited or attacked model compiled every scorer anew.
+  from mech_unlearn_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  batch = _batch()
+  mask = {label: ("/mlp/" in label and "block_1/" in label) for label in transformer.parameter_shapes(tiny.config)}
+  data = train_lib.EditData(forget=batch, maintain=batch, retain=None)
+  config = train_lib.EditConfig(steps=1, lr=1e-2, forget_batch_size=5, maintain_batch_size=5, retain_coef=0.0)
+  edited = train_lib.edit(tiny, mask, data, config, log_fn=None).model
+
+  scoring.score_facts(tiny, batch, chunk_size=8, share_prefix=False)
+  compiled = scoring._score_chunk._cache_size()
+  scoring.score_facts(edited, batch, chunk_size=8, share_prefix=False)
+  assert scoring._score_chunk._cache_size() == compiled

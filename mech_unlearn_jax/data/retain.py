@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import io
 from mech_unlearn_jax.models import forward
@@ -117,7 +118,7 @@ def sample_retain_windows(
   if window < 2:
     raise ValueError(f"retain window must be >= 2 tokens, got {window}")
   decoder = iv.with_kv_cache(model, batch_size, window)
-  unbound, params = pz.unbind_params(decoder, freeze=True)
+  unbound, params = sharding.unbind_for_jit(decoder)
   unbound, cache = pz.unbind_state_vars(unbound, freeze=True)
   rows = []
   for start in range(0, num_windows, batch_size):

@@ -70,7 +70,7 @@ def last_token_residuals(model: Any, batch: FactBatch, chunk_size: int = 64) -> 
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   size = min(chunk_size, batch.size)
   parts = []
   for start in range(0, batch.size, size):

@@ -150,7 +150,7 @@ def score_facts(
   runs every row whole. Only a plain `CausalLM` shares prefixes (a subclass such
   as a soft-prompted model is always run whole).
   """
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   mesh = sharding.mesh_of((unbound, params))
   multiple = sharding.data_size(mesh)
   score = _score_chunk if mesh is None else _replicated_out(_score_chunk_fn, mesh)
@@ -246,7 +246,7 @@ def _text_rows(mesh, tokens_BxL, positions_BxL):
 
 def text_metrics(model: Any, tokens_BxL, positions_BxL, chunk_size: int = 8) -> dict[str, float]:
   """Mean next-token cross-entropy and accuracy over real positions."""
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   mesh = sharding.mesh_of((unbound, params))
   run = _text_chunk if mesh is None else _replicated_out(_text_chunk_fn, mesh)
   totals = np.zeros(3)
@@ -276,8 +276,8 @@ def kl_divergence(original: Any, edited: Any, tokens_BxL, positions_BxL, chunk_s
   Chunks of 4 windows: both models' full-vocabulary logits are live at once (0.25 GiB
   for the 270M model at 32 tokens a window), which sets the edited evaluation's peak.
   """
-  ua, pa = pz.unbind_params(original, freeze=True)
-  ub, pb = pz.unbind_params(edited, freeze=True)
+  ua, pa = sharding.unbind_for_jit(original)
+  ub, pb = sharding.unbind_for_jit(edited)
   mesh = sharding.mesh_of((ua, pa, ub, pb))
   run = _kl_chunk if mesh is None else _replicated_out(_kl_chunk_fn, mesh)
   total, count = 0.0, 0
@@ -305,5 +305,5 @@ def with_compute_dtype(model: Any, compute_dtype: str) -> Any:
   cast = lambda tree: jax.tree.map(
       lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
   )
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   return pz.bind_variables(cast(unbound), [pz.Parameter(value=v.value, label=v.label) for v in cast(params)])

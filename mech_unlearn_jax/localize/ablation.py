@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import forward
@@ -90,7 +91,7 @@ def _ablated_p(unbound, params, tokens_BxL, positions_BxL, subject_BxL, means_Lx
 
 def mlp_mean_ablation(model: CausalLM, batch: FactBatch, chunk_size: int = 32) -> AblationResult:
   """The total effect of every MLP layer on p(true) (see the module docstring)."""
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   n = model.config.num_layers
   subject = np.asarray(batch.subject_mask_BxL, bool)
   if not subject.any():

@@ -340,7 +340,7 @@ def attribution_patching(
   # One shared start for every chunk: one compilation.
   start = first_differing_column(clean.tokens_BxL, corrupt) if config.reuse_prefix else 0
   sites = tuple(iv.all_sites(model.config.num_layers, config.kinds))
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   mesh = sharding.mesh_of((unbound, params))
   size = clean.size
   step = config.batch_size or size
@@ -470,7 +470,7 @@ def activation_patching(
     return np.zeros((0,), np.float32)
   sites = tuple(sorted({c.site for c in components}))
   head_shapes = {s: tuple(site_head_shape(model, s).values()) for s in sites}
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   size = min(components_per_call, len(components))
 
   def run(chunk, tokens, eps_value):

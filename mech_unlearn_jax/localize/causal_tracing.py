@@ -452,7 +452,7 @@ def causal_tracing(model: CausalLM, batch: FactBatch, config: CTConfig = CTConfi
   num_heads = int(np.prod(list(_head_shape(model).values())))
   layout = _row_layout(model.config.num_layers, num_heads, width - start, config)
   prob_ids = _prob_ids(batch, config, np.asarray(batch.answer_ids_B))
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   mesh = sharding.mesh_of((unbound, params))
   step = config.prompts_per_call or batch.size
   q_clean, q_rows = [], []
@@ -510,7 +510,7 @@ def causal_tracing_unbatched(model: CausalLM, batch: FactBatch, config: CTConfig
   head_shape = _head_shape(model)
   num_heads = int(np.prod(list(head_shape.values())))
   prob_ids = _prob_ids(batch, config, np.asarray(batch.answer_ids_B))
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   num_layers = model.config.num_layers
   sites = ([iv.Site(l, "head_out") for l in range(num_layers)] if config.heads else []) + (
       [iv.Site(l, "mlp_out") for l in range(num_layers)] if config.mlps else []

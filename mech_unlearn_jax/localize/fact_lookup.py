@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import io as mio
 from mech_unlearn_jax.batch import FactBatch
@@ -360,7 +361,7 @@ def extraction_scores(
   `corrupt_tokens_BxL` (same columns as the batch) overrides the default corruption.
   """
   n = model.config.num_layers
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   lds = {"clean": [], "corrupt": [], "direct": [], "total": []}
   corrupt_all = _corrupted(batch, seed, corrupt_tokens_BxL)
   for start in range(0, batch.size, chunk_size):
@@ -417,7 +418,7 @@ def enrichment_scores(
   """
   n = model.config.num_layers
   targets = enrichment_targets(n, extraction_layers)
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   lds = {"clean": [], "corrupt": [], "patched": []}
   corrupt_all = _corrupted(batch, seed, corrupt_tokens_BxL)
   for start in range(0, batch.size, chunk_size):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import forward
 from mech_unlearn_jax.models.transformer import CausalLM
@@ -91,7 +92,7 @@ _jit_residuals_at = jax.jit(_residuals_at)
 
 def residuals_at(model: CausalLM, tokens_BxL, positions_BxL, columns_BxK) -> jax.Array:
   """Residual stream at given columns for every layer: [n_layers + 1, B, K, D]."""
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   return _jit_residuals_at(unbound, params, tokens_BxL, positions_BxL, columns_BxK)
 
 

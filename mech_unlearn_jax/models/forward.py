@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.models.transformer import CausalLM
 
 
@@ -99,5 +100,5 @@ _jitted_last_logits = jax.jit(_frozen_last_logits)
 
 def jitted_last_logits(model: CausalLM, tokens_BxL, positions_BxL) -> jax.Array:
   """`last_logits` through one cached jit; parameters are passed as frozen inputs."""
-  unbound, params = pz.unbind_params(model, freeze=True)
+  unbound, params = sharding.unbind_for_jit(model)
   return _jitted_last_logits(unbound, params, tokens_BxL, positions_BxL)

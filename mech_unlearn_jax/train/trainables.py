@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.models.config import TransformerConfig
 from mech_unlearn_jax.models.transformer import (
     CausalLM,
@@ -192,7 +193,7 @@ def validate_mask(mask: Mapping[str, Any], layout: Layout) -> dict[str, np.ndarr
 
 def unbind_frozen(model: CausalLM) -> tuple[Any, dict[str, pz.nx.NamedArray]]:
   """(unbound model with parameter slots, label -> named value)."""
-  unbound, values = pz.unbind_params(model, freeze=True)
+  unbound, values = sharding.unbind_for_jit(model)
   # The row-gather lookup (no per-call copy of the table); models built elsewhere
   # may carry penzai's own lookup.
   unbound = (
