@@ -352,9 +352,14 @@ def commit_to_device(tree: Any) -> Any:
   if mesh_of(tree) is not None:
     return tree
   device = local_device()
-  return jax.tree.map(
-      lambda x: jax.device_put(x, device) if isinstance(x, jax.Array) and not x.committed else x, tree
-  )
+
+  def commit(x):
+    # Traced values (under jit or eval_shape) have no placement of their own.
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.committed:
+      return jax.device_put(x, device)
+    return x
+
+  return jax.tree.map(commit, tree)
 
 
 def unbind_for_jit(model: Any) -> tuple[Any, Any]:
