@@ -20,6 +20,8 @@ results into the paper's tables and figures with intervals over seeds:
       figures/         relearning curves, probe accuracy by layer, forget accuracy
                        in other formats vs side effects
       cells/<setting>__<method>__seed<k>.json   a small summary per finished cell
+      shared/          copies of the shared outputs' JSON and score files
+                       (`sync_shared`), copied back into a workdir that lacks them
 
 The hashes name the settings' experiment configs, so a changed config never reads
 another config's shared outputs. The sampled retain text is cached by the library
@@ -48,6 +50,7 @@ import io as std_io
 import json
 import math
 import pathlib
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -1141,6 +1144,34 @@ def run_cell(
   return CellOutcome(cell, "ran", seconds=summary["cell_seconds"])
 
 
+# Shared stage outputs small enough to keep with the results (JSON records, cached
+# score arrays; not the evidence plots): a new checkout of the results folder then
+# resumes without recomputing the knowledge filter, the localization evidence and the
+# unedited control (about 45 minutes per seed on a 2-core CPU).
+_KEPT_SHARED_SUFFIXES = (".json", ".npz")
+_KEPT_SHARED_MAX_BYTES = 4 << 20
+
+
+def sync_shared(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+  """Copies every kept shared output under `src` that `dst` lacks (atomically, so a
+  killed copy leaves no half-written file); returns how many were copied. Names carry
+  the settings' config hashes, so a copied file is only ever read by the same config."""
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  if not src.is_dir():
+    return 0
+  copied = 0
+  for path in sorted(src.rglob("*")):
+    if not path.is_file() or path.suffix not in _KEPT_SHARED_SUFFIXES or path.name.startswith("."):
+      continue
+    if path.stat().st_size > _KEPT_SHARED_MAX_BYTES:
+      continue
+    target = dst / path.relative_to(src)
+    if not target.exists():
+      io.write_bytes(target, path.read_bytes())
+      copied += 1
+  return copied
+
+
 def run_study(
   config: StudyConfig,
   workdir: str | pathlib.Path,
@@ -1179,6 +1210,7 @@ def run_study(
   failures = io.read_json(failures_path, "study failures") if failures_path.is_file() else {}
   with run_lib.workdir_lock(workdir):
     io.write_json(workdir / "study.json", config.to_json())
+    sync_shared(out_dir / "shared", workdir / "shared")
     ran = 0
     for i, cell in enumerate(cells):
       if max_cells and ran >= max_cells:
@@ -1195,6 +1227,8 @@ def run_study(
         io.write_json(failures_path, failures)
         progress.stage_line("cell failed", 0.0, f"{cell.label}: {outcome.error}")
       outcomes.append(outcome)
+      if outcome.status != "skipped":
+        sync_shared(workdir / "shared", out_dir / "shared")
       if outcome.status == "ran":
         ran += 1
         failures.pop(cell.label, None)

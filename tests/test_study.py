@@ -330,3 +330,14 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   )
   with pytest.raises(ValueError, match=r"another config.*edit\.steps: 3 -> 4"):
     study.run_study(changed, tmp_path / "work", out)
+
+  # The results folder keeps the shared outputs; a fresh workdir (a new checkout)
+  # gets them back instead of recomputing them.
+  monkeypatch.undo()
+  kept = sorted(p.relative_to(out / "shared") for p in (out / "shared").rglob("*.json"))
+  assert any(p.name == "unedited.json" for p in kept) and any(p.parts[0] == "knowledge" for p in kept)
+  (out / "cells" / "sports_random16__random_mlps__seed0.json").unlink()
+  outcomes = study.run_study(config, tmp_path / "fresh", out, only_methods=["random_mlps"])
+  assert [o.status for o in outcomes] == ["ran"]
+  for rel in kept:  # read back, not recomputed (a recomputed record has its own timing)
+    assert (tmp_path / "fresh" / "shared" / rel).read_bytes() == (out / "shared" / rel).read_bytes(), rel
