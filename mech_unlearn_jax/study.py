@@ -292,9 +292,12 @@ def _digest(record: Any) -> str:
 
 def _setting_key(record: dict[str, Any]) -> dict[str, Any]:
   """What of a setting's config record names its shared outputs: the experiment part
-  (not where it ran), with the float32 default left out so that folders written before
-  the compute-dtype switch existed keep their names."""
+  (not where it ran) without the edit's settings, which none of them depends on (each
+  method family has its own tuned edit, and all of them share one knowledge filter,
+  evidence and unedited control); the float32 default is left out so that folders
+  written before the compute-dtype switch existed keep their names."""
   key = run_lib.experiment_part(record)
+  key.pop("edit", None)
   if key.get("compute_dtype") == "float32":
     del key["compute_dtype"]
   return key

@@ -68,7 +68,10 @@ def test_real_study_config_has_every_setting_method_and_seed():
     config.cell_spec(study.Cell("sports_random16", "random", 0)), "sports_random16", run_lib.pathlib.Path("w")
   )
   assert a.knowledge == b.knowledge and a.evidence_dir != b.evidence_dir
-  assert a == c  # every method of a (setting, seed) shares them
+  d = study.shared_outputs(
+    config.cell_spec(study.Cell("sports_random16", "fact_lookup", 0)), "sports_random16", run_lib.pathlib.Path("w")
+  )
+  assert a == c == d  # every method of a (setting, seed) shares them, whatever its family's edit
   # Where a cell runs (the mesh) is not part of the key, the compute dtype is.
   spec = config.cell_spec(study.Cell("sports_random16", "ap", 0))
   on_mesh = dataclasses.replace(spec, mesh=dataclasses.replace(spec.mesh, data=8))
