@@ -59,9 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from mech_unlearn_jax import sharding
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import io as mio
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.localize import probes as probes_lib
 from mech_unlearn_jax.models import forward

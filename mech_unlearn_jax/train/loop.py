@@ -383,7 +383,7 @@ def train(
       state = init_state(_copy(params), config)
     # Restored arrays are committed to a device and fresh ones are not; jit keys its
     # executable cache on that, so commit both ways or a resumed run recompiles.
-    state = jax.device_put(state, jax.devices()[0])
+    state = sharding.commit_to_device(state)
     rng = jax.random.key(config.seed)
     step_impl = train_step
     place_batch = lambda batch: batch
