@@ -295,6 +295,13 @@ def with_prefix(
   )
 
 
+def shares_prefixes(model: Any) -> bool:
+  """Whether `last_logits_with_prefix` can run `model`: a plain `CausalLM`, or a
+  subclass that names the model running the columns after the prefix
+  (`suffix_model()`, e.g. a soft-prompted model whose prompt sits inside the prefix)."""
+  return type(model) is CausalLM or callable(getattr(type(model), "suffix_model", None))
+
+
 def last_logits_with_prefix(model: CausalLM, prefix_P, tokens_BxS, positions_BxS) -> jax.Array:
   """Last-column logits [B, V] of rows that all start with the tokens `prefix_P`.
 
@@ -302,15 +309,30 @@ def last_logits_with_prefix(model: CausalLM, prefix_P, tokens_BxS, positions_BxS
   continuing from P). The prefix runs once, on one row; its keys and values (which
   depend on the model's weights, so gradients flow through them) serve every row.
   Equal to the logits of the whole rows up to float rounding.
+
+  A model that inserts columns into the prefix run (a soft prompt after BOS) gives
+  more keys than prefix tokens; the rows' positions then shift by that many, and
+  its `suffix_model()` runs them (see `shares_prefixes`).
   """
+  if not shares_prefixes(model):
+    raise ValueError(
+        f"a {type(model).__name__} cannot run rows against a shared prefix: it is not a plain"
+        " CausalLM and has no suffix_model()"
+    )
   prefix_P = jnp.asarray(prefix_P, jnp.int32)
   prefix_len = prefix_P.shape[0]
   kv = prefix_key_values(model, prefix_P[None], jnp.arange(prefix_len, dtype=jnp.int32)[None])
+  run_len = kv[0][0].named_shape["seq"]
+  # Columns the model itself inserted into the prefix run (0 for a plain model).
+  inserted = run_len - prefix_len
+  suffix_model = model if type(model) is CausalLM else model.suffix_model()
   # One row of keys/values without a batch axis: PrefixedAttention broadcasts it.
-  body = with_prefix(model, [(k[{"batch": 0}], v[{"batch": 0}]) for k, v in kv])
+  body = with_prefix(suffix_model, [(k[{"batch": 0}], v[{"batch": 0}]) for k, v in kv])
   positions_BxS = jnp.asarray(positions_BxS)
+  if inserted:
+    positions_BxS = jnp.where(positions_BxS >= 0, positions_BxS + inserted, -1).astype(positions_BxS.dtype)
   kv_positions = jnp.concatenate(
-      [jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (positions_BxS.shape[0], prefix_len)), positions_BxS],
+      [jnp.broadcast_to(jnp.arange(run_len, dtype=jnp.int32), (positions_BxS.shape[0], run_len)), positions_BxS],
       1,
   )
   return forward_lib.last_logits(

@@ -74,8 +74,13 @@ def release_free_heap() -> None:
   XLA's compiler and many mid-sized buffers are served from glibc's heap, which keeps
   freed pages resident: without this, what a stage freed (a compilation's scratch
   memory, the previous stage's activations) stays in RSS and adds to the next stage's
-  peak. A no-op where the C library has no malloc_trim.
+  peak. A no-op where the C library has no malloc_trim, or with
+  MECH_UNLEARN_JAX_RELEASE_HEAP=0 (a test suite of tiny models: its process holds so
+  many objects that each full collection costs about half a second, a third of a tiny
+  run's time, to return memory nobody is short of).
   """
+  if not env_switch("MECH_UNLEARN_JAX_RELEASE_HEAP", True):
+    return
   gc.collect()
   try:
     ctypes.CDLL(None).malloc_trim(0)

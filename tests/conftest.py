@@ -8,6 +8,10 @@ import pytest
 # and the suite's many short runs would otherwise recompile at every stage (the release
 # itself is tested in test_reliability.py).
 os.environ.setdefault("MECH_UNLEARN_JAX_KEEP_COMPILED", "1")
+# Nor do they hand freed heap back to the OS after every stage: in a process as full of
+# objects as a test session, the garbage collection before it is the slowest part of a
+# tiny run (the release itself is tested in test_reliability.py).
+os.environ.setdefault("MECH_UNLEARN_JAX_RELEASE_HEAP", "0")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_DATA = pathlib.Path(

@@ -490,7 +490,8 @@ def test_release_free_heap_returns_freed_pages_to_the_os():
       "progress.release_free_heap()\n"
       "print(before - rss())\n"
   )
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  env = dict(os.environ, MECH_UNLEARN_JAX_RELEASE_HEAP="1")  # the suite turns it off
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
   released_kib = int(out.stdout.split()[-1])
   assert released_kib > 50_000, out.stdout  # most of the ~100 MB freed
 

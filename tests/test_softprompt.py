@@ -87,6 +87,46 @@ def test_left_padding_does_not_change_last_logits(tiny_model, kind):
     np.testing.assert_allclose(alone[0], a[row], rtol=1e-4, atol=1e-4)
 
 
+def test_shared_prefix_run_equals_whole_rows_for_a_soft_prompt(tiny_model):
+  """Rows split at their common prefix (one-shot example) run the prefix, with the soft
+  prompt inside it, once: same logits and same gradient as running every row whole."""
+  from mech_unlearn_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  from mech_unlearn_jax import interventions as iv  # pylint: disable=g-import-not-at-top
+
+  params, trainable, _ = sp.soft_prompt_trainable(tiny_model, num_vectors=3, max_norm=5.0, seed=4)
+  shared = [2, 77, 78, 79, 80, 81]
+  rows = [shared + r[1:] for r in _rows()]
+  tokens, positions = forward.left_pad(rows)
+  prefix, suffix, suffix_positions = batch_lib.split_prefix(
+      tokens, positions, batch_lib.shared_prefix_length(tokens, positions)
+  )
+  assert len(prefix) == len(shared)
+  assert iv.shares_prefixes(trainable.bind(params))
+
+  def whole(p):
+    return forward.last_logits(trainable.bind(p), tokens, positions)
+
+  def split(p):
+    return iv.last_logits_with_prefix(trainable.bind(p), prefix, suffix, suffix_positions)
+
+  np.testing.assert_allclose(np.asarray(split(params)), np.asarray(whole(params)), rtol=1e-4, atol=1e-4)
+  grad_whole = jax.grad(lambda p: whole(p)[:, 60].sum())(params)[sp.SOFT_PROMPT]
+  grad_split = jax.grad(lambda p: split(p)[:, 60].sum())(params)[sp.SOFT_PROMPT]
+  assert float(jnp.abs(grad_whole).max()) > 0
+  np.testing.assert_allclose(np.asarray(grad_split), np.asarray(grad_whole), rtol=1e-3, atol=1e-5)
+  # Scoring takes the shared-prefix path and gives the whole rows' answer.
+  from mech_unlearn_jax.evals import scoring  # pylint: disable=g-import-not-at-top
+
+  facts = FactBatch(
+      tokens_BxL=tokens, positions_BxL=positions, answer_ids_B=np.full(len(rows), 60, np.int32),
+      wrong_ids_BxK=np.tile([61, 62], (len(rows), 1)).astype(np.int32), subject_mask_BxL=np.zeros(tokens.shape, bool),
+  )
+  merged = trainable.merge(params)
+  a = scoring.score_facts(merged, facts, share_prefix=True)
+  b = scoring.score_facts(merged, facts, share_prefix=False)
+  np.testing.assert_allclose(a.prob_normalized, b.prob_normalized, rtol=1e-4, atol=1e-5)
+
+
 def test_adapter_with_zero_values_is_exactly_the_base_model(tiny_model):
   params, trainable, _ = sp.embedding_adapter_trainable(tiny_model, num_keys=4, max_norm=3.0, seed=0)
   tokens, positions = forward.left_pad(_rows())

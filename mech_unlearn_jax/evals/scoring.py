@@ -34,7 +34,6 @@ from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import progress
 from mech_unlearn_jax import sharding
 from mech_unlearn_jax.models import forward
-from mech_unlearn_jax.models.transformer import CausalLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +146,8 @@ def score_facts(
 
   `desc` shows a progress bar over the chunks under that name. share_prefix: run the
   tokens every row starts with (e.g. a few-shot example) once (see above); False
-  runs every row whole. Only a plain `CausalLM` shares prefixes (a subclass such
-  as a soft-prompted model is always run whole).
+  runs every row whole. Models that `interventions.shares_prefixes` rejects
+  always run rows whole.
   """
   unbound, params = sharding.unbind_for_jit(model)
   mesh = sharding.mesh_of((unbound, params))
@@ -156,12 +155,12 @@ def score_facts(
   score = _score_chunk if mesh is None else _replicated_out(_score_chunk_fn, mesh)
   candidates = batch.candidate_ids_BxC
   all_tokens, all_positions = np.asarray(batch.tokens_BxL), np.asarray(batch.positions_BxL)
-  # Only the plain model: subclasses (e.g. a soft prompt inserted after BOS) change
-  # which columns the prefix's keys and values belong to.
-  share_prefix = share_prefix and type(unbound) is CausalLM
+  # A plain model, or one that says how rows continue after the prefix (a soft prompt
+  # inserted after BOS runs inside the prefix: `interventions.shares_prefixes`).
+  share_prefix = share_prefix and iv.shares_prefixes(unbound)
   prefix = None
   if batch.prefix_BxP is not None:  # already split (`batch.share_prefix`)
-    if type(unbound) is not CausalLM:
+    if not iv.shares_prefixes(unbound):
       raise ValueError(f"a {type(unbound).__name__} cannot score a batch split at a shared prefix")
     prefix = np.asarray(batch.prefix_BxP[0], np.int32)
   elif share_prefix:

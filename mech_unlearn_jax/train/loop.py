@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax import progress, sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.batch import share_prefix as share_prefix_of
@@ -352,7 +353,7 @@ def train(
   loss_fn = loss_fn or EditLoss(config)
   # A shared prefix needs a loss that runs it and the plain model (a soft prompt
   # inserts columns after BOS).
-  share = getattr(loss_fn, "supports_shared_prefix", False) and type(trainable.bind(params)) is CausalLM
+  share = getattr(loss_fn, "supports_shared_prefix", False) and iv.shares_prefixes(trainable.bind(params))
   batch_fn = data if callable(data) else make_batch_fn(data, config, share_prefix=share)
   run_meta = ckpt.run_metadata(config, trainable, params, meta)
   mesh = mesh if mesh is not None else sharding.mesh_of((params, trainable))

@@ -19,7 +19,6 @@ import numpy as np
 from mech_unlearn_jax import interventions as iv
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.models import forward
-from mech_unlearn_jax.models.transformer import CausalLM
 from mech_unlearn_jax.train.step import EditConfig
 
 
@@ -157,7 +156,7 @@ def fact_last_logits(model: Any, facts: FactBatch) -> jax.Array:
   """Logits [B, V] at each fact's last column, running a shared prefix once if present."""
   if facts.prefix_BxP is None:
     return forward.last_logits(model, facts.tokens_BxL, facts.positions_BxL)
-  if type(model) is not CausalLM:
+  if not iv.shares_prefixes(model):
     raise ValueError(
         f"a {type(model).__name__} cannot run fact batches with a shared prefix (it changes the"
         " columns the prefix belongs to); draw batches with make_batch_fn(..., share_prefix=False)"

@@ -125,7 +125,8 @@ class SoftPromptLM(CausalLM):
 
   Called like the base model (left-padded tokens, "token_positions", optional
   "selected_positions" in the caller's columns); `residual` and the logits cover the
-  caller's columns only. Hooks inserted into its blocks see the L + K columns.
+  caller's columns only. Hooks inserted into its blocks see the L + K columns. Rows
+  split at a shared prefix run the prefix (with the K vectors) once (`suffix_model`).
   """
 
   soft_prompt_KxD: jax.Array
@@ -145,6 +146,12 @@ class SoftPromptLM(CausalLM):
     return pz.nx.nmap(lambda h_SxD, i: h_SxD[i])(h.untag("seq", "embedding"), back.untag("seq")).tag(
         "seq", "embedding"
     )
+
+  def suffix_model(self) -> CausalLM:
+    """The base model: it runs the columns after a shared prefix that holds the first
+    real token, because the soft prompt then lives in the prefix's keys and values
+    (`interventions.last_logits_with_prefix`)."""
+    return CausalLM(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CausalLM)})
 
 
 def with_soft_prompt(model: CausalLM, soft_prompt_KxD: jax.Array) -> SoftPromptLM:
