@@ -40,8 +40,8 @@ from mech_unlearn_jax.experiment.robustness import RobustnessConfig
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.models import loaders
-from mech_unlearn_jax.models.transformer import CausalLM
 from mech_unlearn_jax.train import soft_prompt as sp
+from mech_unlearn_jax.train.loop import can_share_prefix
 
 ATTACKERS = ("edit", "relearn_lora", "relearn_full", "softprompt_prefix", "softprompt_adapter")
 _ATTACKERS = flags.DEFINE_list("attackers", list(ATTACKERS), f"Which rows (of {ATTACKERS}); 'edit' is the reference.")
@@ -73,7 +73,7 @@ def sports_pools(tokenizer, vocab_size: int):
 def time_training(params, trainable, update_mask, data, config, timed_steps: int, peak_cpu: float) -> dict:
   """Compile + timed steps of `train_step` as `train_lib.train` would run it."""
   loss_fn = train_lib.EditLoss(config)
-  share = loss_fn.supports_shared_prefix and type(trainable.bind(params)) is CausalLM
+  share = can_share_prefix(loss_fn, trainable, params)
   batch = train_lib.make_batch_fn(data, config, share_prefix=share)(0)
   state = jax.device_put(train_lib.init_state(jax.tree.map(np.array, params), config), jax.devices()[0])
   kwargs = dict(trainable=trainable, update_mask=update_mask, loss_fn=loss_fn, config=config)

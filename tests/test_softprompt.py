@@ -122,6 +122,12 @@ def test_shared_prefix_run_equals_whole_rows_for_a_soft_prompt(tiny_model):
       wrong_ids_BxK=np.tile([61, 62], (len(rows), 1)).astype(np.int32), subject_mask_BxL=np.zeros(tokens.shape, bool),
   )
   merged = trainable.merge(params)
+  # Training batches are split at the prefix too (the attack's step runs it once).
+  from mech_unlearn_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  assert loop.can_share_prefix(EditLoss(EditConfig()), trainable, params)
+  aparams, adapter, _ = sp.embedding_adapter_trainable(tiny_model, num_keys=2, max_norm=1.0, seed=0)
+  assert loop.can_share_prefix(EditLoss(EditConfig()), adapter, aparams)
   a = scoring.score_facts(merged, facts, share_prefix=True)
   b = scoring.score_facts(merged, facts, share_prefix=False)
   np.testing.assert_allclose(a.prob_normalized, b.prob_normalized, rtol=1e-4, atol=1e-5)

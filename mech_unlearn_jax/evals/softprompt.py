@@ -25,6 +25,7 @@ from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.evals import scoring
 from mech_unlearn_jax.models.transformer import CausalLM
 from mech_unlearn_jax.train import EditConfig, EditData, EditLoss, count_parameters, make_batch_fn, train
+from mech_unlearn_jax.train.loop import can_share_prefix
 from mech_unlearn_jax.train import soft_prompt as sp
 
 AttackKind = Literal["prefix", "adapter"]
@@ -191,7 +192,11 @@ def soft_prompt_attack(
     num_params = count_parameters(params)
     # The seed reaches the data order through the batch function only: the step's
     # static config stays the same, so all attacks share one compiled step.
-    batch_fn = make_batch_fn(data, dataclasses.replace(config.training, seed=seed))
+    loss_fn = EditLoss(config.training)
+    batch_fn = make_batch_fn(
+        data, dataclasses.replace(config.training, seed=seed),
+        share_prefix=can_share_prefix(loss_fn, trainable, params),
+    )
     at_step = {}
 
     def callback(step, live_params, trainable=trainable, at_step=at_step):
@@ -199,8 +204,7 @@ def soft_prompt_attack(
         at_step[step] = _summary(trainable.merge(live_params), eval_batch, chunk)
 
     result = train(
-        params, trainable, batch_fn, config.training, update_mask=update_mask,
-        loss_fn=EditLoss(config.training),
+        params, trainable, batch_fn, config.training, update_mask=update_mask, loss_fn=loss_fn,
         log_fn=log_fn, callback=callback if config.eval_steps else None,
     )
     attacked = trainable.merge(result.params)

@@ -109,6 +109,13 @@ def _epoch_permutation(seed: int, term: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, term, epoch]).permutation(n)
 
 
+def can_share_prefix(loss_fn: Any, trainable: Trainable, params: Any) -> bool:
+  """Whether `make_batch_fn(..., share_prefix=True)` batches suit this training: the
+  loss must run a shared prefix, and the bound model must be one that
+  `interventions.shares_prefixes` accepts (a plain model, or a soft-prompted one)."""
+  return bool(getattr(loss_fn, "supports_shared_prefix", False)) and iv.shares_prefixes(trainable.bind(params))
+
+
 def make_batch_fn(data: EditData, config: EditConfig, share_prefix: bool = False) -> Callable[[int], EditBatch]:
   """step -> EditBatch ([M, b, ...] leaves); batch sizes are clamped to pool sizes.
 
@@ -351,10 +358,9 @@ def train(
     checkpoint.CheckpointMismatchError: `checkpoint_dir` holds another run.
   """
   loss_fn = loss_fn or EditLoss(config)
-  # A shared prefix needs a loss that runs it and the plain model (a soft prompt
-  # inserts columns after BOS).
-  share = getattr(loss_fn, "supports_shared_prefix", False) and iv.shares_prefixes(trainable.bind(params))
-  batch_fn = data if callable(data) else make_batch_fn(data, config, share_prefix=share)
+  batch_fn = data if callable(data) else make_batch_fn(
+      data, config, share_prefix=can_share_prefix(loss_fn, trainable, params)
+  )
   run_meta = ckpt.run_metadata(config, trainable, params, meta)
   mesh = mesh if mesh is not None else sharding.mesh_of((params, trainable))
   if not sharding.is_multi_device(mesh):
