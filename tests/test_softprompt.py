@@ -133,6 +133,27 @@ def test_shared_prefix_run_equals_whole_rows_for_a_soft_prompt(tiny_model):
   np.testing.assert_allclose(a.prob_normalized, b.prob_normalized, rtol=1e-4, atol=1e-5)
 
 
+def test_seeded_attacks_share_one_traced_step(tiny_model):
+  """The seed is data, not part of the tree structure: attacks differing only in their
+  seed reuse the jitted step instead of tracing it again."""
+  for make, size in ((sp.soft_prompt_trainable, "num_vectors"), (sp.embedding_adapter_trainable, "num_keys")):
+    made = [make(tiny_model, **{size: 2}, max_norm=1.0, seed=seed) for seed in (0, 1)]
+    (params0, trainable0, _), (params1, trainable1, _) = made
+    assert jax.tree.structure(trainable0) == jax.tree.structure(trainable1)
+    assert not np.allclose(np.asarray(jax.tree.leaves(params0)[0]), np.asarray(jax.tree.leaves(params1)[0]))
+    assert trainable1.spec()["seed"] == 1
+    traces = []
+
+    @jax.jit
+    def project(params, trainable):
+      traces.append(1)
+      return trainable.project(params)
+
+    project(params0, trainable0)
+    project(params1, trainable1)
+    assert len(traces) == 1
+
+
 def test_adapter_with_zero_values_is_exactly_the_base_model(tiny_model):
   params, trainable, _ = sp.embedding_adapter_trainable(tiny_model, num_keys=4, max_norm=3.0, seed=0)
   tokens, positions = forward.left_pad(_rows())

@@ -168,14 +168,16 @@ class SoftPromptTrainable:
   Attributes:
     unbound: the base model with parameter slots.
     frozen_values: label -> named value of every base parameter.
-    num_vectors, max_norm, seed: static, how the prefix was made.
+    num_vectors, max_norm: static, how the prefix was made.
+    seed: the seed it was made with, a scalar array (data, not static: seeded attacks
+      of the same shapes then share one traced and compiled training step).
   """
 
   unbound: Any
   frozen_values: dict[str, pz.nx.NamedArray]
   num_vectors: int = dataclasses.field(metadata={"static": True})
   max_norm: float = dataclasses.field(metadata={"static": True})
-  seed: int = dataclasses.field(metadata={"static": True})
+  seed: np.ndarray
 
   def bind(self, params: Mapping[str, jax.Array], compute_dtype: str = "float32") -> SoftPromptLM:
     """The base model with the prefix `params["soft_prompt"]` inserted."""
@@ -198,7 +200,7 @@ class SoftPromptTrainable:
     """JSON description recorded with checkpoints."""
     return {
         "kind": "soft_prompt", "num_vectors": self.num_vectors, "max_norm": self.max_norm,
-        "seed": self.seed,
+        "seed": int(self.seed),
     }
 
 
@@ -220,7 +222,7 @@ def soft_prompt_trainable(
   unbound, values = trainables_lib.unbind_frozen(model)
   trainable = SoftPromptTrainable(
       unbound=unbound, frozen_values=values, num_vectors=int(num_vectors), max_norm=max_norm,
-      seed=int(seed),
+      seed=np.asarray(seed, np.int32),
   )
   return {SOFT_PROMPT: jnp.array(init, copy=True)}, trainable, None
 
@@ -267,14 +269,16 @@ class EmbeddingAdapterTrainable:
   Attributes:
     unbound: the base model with parameter slots.
     frozen_values: label -> named value of every base parameter.
-    num_keys, max_norm, seed: static, how the adapter was made.
+    num_keys, max_norm: static, how the adapter was made.
+    seed: the seed it was made with, a scalar array (data, not static: seeded attacks
+      of the same shapes then share one traced and compiled training step).
   """
 
   unbound: Any
   frozen_values: dict[str, pz.nx.NamedArray]
   num_keys: int = dataclasses.field(metadata={"static": True})
   max_norm: float = dataclasses.field(metadata={"static": True})
-  seed: int = dataclasses.field(metadata={"static": True})
+  seed: np.ndarray
 
   def bind(self, params: Mapping[str, jax.Array], compute_dtype: str = "float32") -> CausalLM:
     """The base model with the adapter after its embedding stage."""
@@ -299,7 +303,7 @@ class EmbeddingAdapterTrainable:
     """JSON description recorded with checkpoints."""
     return {
         "kind": "embedding_adapter", "num_keys": self.num_keys, "max_norm": self.max_norm,
-        "seed": self.seed,
+        "seed": int(self.seed),
     }
 
 
@@ -321,7 +325,7 @@ def embedding_adapter_trainable(
   unbound, values = trainables_lib.unbind_frozen(model)
   trainable = EmbeddingAdapterTrainable(
       unbound=unbound, frozen_values=values, num_keys=int(num_keys), max_norm=max_norm,
-      seed=int(seed),
+      seed=np.asarray(seed, np.int32),
   )
   params = {ADAPTER_KEYS: keys, ADAPTER_VALUES: jnp.zeros((int(num_keys), dim), jnp.float32)}
   return params, trainable, None
