@@ -119,6 +119,11 @@ def _insert_after_first(x_LxD, positions_L, prefix_KxD):
   return x, positions.astype(positions_L.dtype), back
 
 
+def _causal_lm_fields(model: CausalLM) -> dict[str, Any]:
+  """The fields a plain `CausalLM` has, read off `model` (a subclass adds its own)."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(CausalLM)}
+
+
 @pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
 class SoftPromptLM(CausalLM):
   """A `CausalLM` that inserts `soft_prompt_KxD` after each row's first real token.
@@ -151,13 +156,12 @@ class SoftPromptLM(CausalLM):
     """The base model: it runs the columns after a shared prefix that holds the first
     real token, because the soft prompt then lives in the prefix's keys and values
     (`interventions.last_logits_with_prefix`)."""
-    return CausalLM(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CausalLM)})
+    return CausalLM(**_causal_lm_fields(self))
 
 
 def with_soft_prompt(model: CausalLM, soft_prompt_KxD: jax.Array) -> SoftPromptLM:
   """`model` (any bound `CausalLM`) with a soft prefix; see `SoftPromptLM`."""
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(CausalLM)}
-  return SoftPromptLM(**fields, soft_prompt_KxD=soft_prompt_KxD)
+  return SoftPromptLM(**_causal_lm_fields(model), soft_prompt_KxD=soft_prompt_KxD)
 
 
 @jax.tree_util.register_dataclass
