@@ -2,7 +2,8 @@
 
 Bars (tqdm, on stderr) show counts and an ETA for every loop that takes more than a
 few seconds: the knowledge scan, localization, evaluations, edit and attack steps.
-`stage_line` prints one line per stage with its wall time. Set the environment
+`stage_line` prints one line per stage with its wall time, and `timing_log` collects
+the same times as data (the study stores them with each cell). Set the environment
 variable MECH_UNLEARN_JAX_PROGRESS=0 (or pass `enabled=False`) to silence bars, e.g.
 in logs of batch jobs.
 """
@@ -88,10 +89,33 @@ def release_free_heap() -> None:
     pass
 
 
+# Open `timing_log`s (entries, start time, how many stages were open when the log
+# began) and the names of the open stages.
+_timing_logs: list[tuple[list[dict[str, Any]], float, int]] = []
+_open_stages: list[str] = []
+
+
 @contextlib.contextmanager
-def stage(
-    name: str, timings: dict[str, float] | None = None, *, release_compiled: bool = False
-) -> Iterator[dict[str, Any]]:
+def timing_log() -> Iterator[list[dict[str, Any]]]:
+  """Collects every stage finished inside the block, in the order they started.
+
+  Each entry is {"stage", "parent" (the enclosing stage's name, or None for a stage
+  that no stage inside the block encloses), "depth" (counted from the block), "start"
+  (seconds after the block began), "seconds"}, so a run's cost can be read per stage
+  after the fact instead of from its log.
+  """
+  entries: list[dict[str, Any]] = []
+  record = (entries, time.time(), len(_open_stages))
+  _timing_logs.append(record)
+  try:
+    yield entries
+  finally:
+    _timing_logs.remove(record)
+    entries.sort(key=lambda e: (e["start"], e["depth"]))  # a stage before those it encloses
+
+
+@contextlib.contextmanager
+def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, Any]]:
   """Times a block; yields a dict whose "detail" key ends up on the stage line.
 
   A stage during which the process's peak resident memory rose says so on its line,
@@ -106,10 +130,19 @@ def stage(
   """
   info: dict[str, Any] = {"detail": ""}
   start, peak_before = time.time(), peak_rss_bytes()
-  yield info
+  enclosing = list(_open_stages)
+  _open_stages.append(name)
+  try:
+    yield info
+  finally:
+    _open_stages.pop()
   seconds = time.time() - start
-  if timings is not None:
-    timings[name] = seconds
+  for entries, log_start, outside in _timing_logs:
+    depth = len(enclosing) - outside
+    entries.append({
+        "stage": name, "parent": enclosing[-1] if depth else None, "depth": depth,
+        "start": round(start - log_start, 2), "seconds": round(seconds, 2),
+    })
   detail, peak = info["detail"], peak_rss_bytes()
   if peak > peak_before:
     detail = f"{detail}  [peak RSS {peak / 2**30:.2f} GiB]".strip()

@@ -1004,7 +1004,45 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
       f"| {s['setting']} | {s['method']} | {s['seed']} | {s['mask_name']} | {s['trained_parameters']:,} |"
       f" {s['flu_layers']} | {s['cell_seconds']:.0f} |"
     )
+  out.append(stage_time_markdown(data.summaries))
   return "\n".join(out) + "\n"
+
+
+def stage_time_markdown(summaries: Sequence[Mapping[str, Any]], max_depth: int = 1) -> str:
+  """Median seconds per stage over the cells that recorded their stages ("" if none did).
+
+  Depth 0 is a run's own stages (edit, evaluations, the robustness suite per model),
+  depth 1 the robustness suite's attacks and evaluations. A stage read back from an
+  earlier attempt or shared with another cell takes near zero, so medians, not means.
+  """
+  timed = [s for s in summaries if s.get("stage_seconds")]
+  if not timed:
+    return ""
+  order: list[tuple[int, str | None, str]] = []
+  per_stage: dict[tuple[int, str | None, str], list[float]] = {}
+  for s in timed:
+    seen: dict[tuple[int, str | None, str], float] = {}
+    for entry in s["stage_seconds"]:
+      key = (int(entry["depth"]), entry.get("parent"), str(entry["stage"]))
+      if key[0] > max_depth:
+        continue
+      seen[key] = seen.get(key, 0.0) + float(entry["seconds"])
+    for key, seconds in seen.items():
+      if key not in per_stage:
+        order.append(key)
+        per_stage[key] = []
+      per_stage[key].append(seconds)
+  lines = [
+    "\n## Where a cell's time goes\n",
+    f"Median over the {len(timed)} cells that recorded their stages (last attempt; stages inside the"
+    " robustness suite indented).\n",
+    "| stage | median seconds | cells |",
+    "|---|---|---|",
+  ]
+  for depth, parent, name in order:
+    values = per_stage[(depth, parent, name)]
+    lines.append(f"| {'&nbsp;' * 4 * depth}{name} | {float(np.median(values)):.1f} | {len(values)} |")
+  return "\n".join(lines) + "\n"
 
 
 def claims_markdown(items: Sequence[Mapping[str, Any]]) -> str:
@@ -1055,7 +1093,8 @@ class CellOutcome:
 
 
 def _summary(
-  cell: Cell, spec: ExperimentSpec, results: Mapping[str, Any], seconds: float, attempts: Sequence[float]
+  cell: Cell, spec: ExperimentSpec, results: Mapping[str, Any], seconds: float, attempts: Sequence[float],
+  stage_seconds: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
   edited, unedited = cell_metrics(results)
   edited["cell_seconds"] = seconds
@@ -1069,6 +1108,8 @@ def _summary(
     "trained_parameters": int(results["trained_parameters"]),
     "cell_seconds": seconds,
     "attempt_seconds": list(attempts),
+    # The last attempt's stages (`progress.timing_log`): where the cell's time went.
+    "stage_seconds": [dict(entry) for entry in stage_seconds],
     "split": results["split"],
     "format_validity": results["format_validity"],
     "metrics": edited,
@@ -1128,9 +1169,10 @@ def run_cell(
   attempts = list(io.read_json(timing_path, "cell timing")["attempts"]) if timing_path.is_file() else []
   started = time.time()
   try:
-    results = run_lib.run_experiment(
-      spec, cell_dir, shared=shared_outputs(spec, cell.setting, workdir), loaded=models.get(spec)
-    )
+    with progress.timing_log() as stage_seconds:
+      results = run_lib.run_experiment(
+        spec, cell_dir, shared=shared_outputs(spec, cell.setting, workdir), loaded=models.get(spec)
+      )
   except BaseException:
     # A failed or interrupted attempt still counts toward the cell's cost.
     io.write_json(timing_path, {"attempts": attempts + [time.time() - started]})
@@ -1141,7 +1183,7 @@ def run_cell(
     compile_cache.release_compiled_code()
   attempts.append(time.time() - started)
   io.write_json(timing_path, {"attempts": attempts})
-  summary = _summary(cell, spec, results, float(sum(attempts)), attempts)
+  summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stage_seconds)
   io.write_json(recorded, summary)
   io.write_json(summary_path, summary)
   return CellOutcome(cell, "ran", seconds=summary["cell_seconds"])

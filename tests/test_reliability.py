@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -513,3 +514,24 @@ def test_stage_with_release_compiled_drops_the_stages_executables(monkeypatch):
   with progress.stage("kept on request", release_compiled=True):
     pass
   assert double._cache_size() == 1
+
+
+def test_timing_log_records_nested_stages_in_start_order():
+  from mech_unlearn_jax import progress
+
+  with progress.timing_log() as outer:
+    with progress.stage("run"):
+      with progress.stage("attack"):
+        time.sleep(0.02)
+      with progress.timing_log() as inner:
+        with progress.stage("probe"):
+          pass
+  # The enclosing stage comes first although it finished last; both logs see "probe".
+  assert [(e["stage"], e["parent"], e["depth"]) for e in outer] == [
+      ("run", None, 0), ("attack", "run", 1), ("probe", "run", 1)
+  ]
+  assert [(e["stage"], e["parent"], e["depth"]) for e in inner] == [("probe", None, 0)]  # counted from its log
+  assert outer[0]["seconds"] >= outer[1]["seconds"] >= 0.02
+  with progress.stage("after the logs closed"):
+    pass
+  assert len(outer) == 3

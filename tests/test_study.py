@@ -307,6 +307,9 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   summary = io.read_json(out / "cells" / "sports_random16__fact_lookup__seed0.json")
   assert summary["cell_seconds"] == pytest.approx(sum(summary["attempt_seconds"]))
   assert summary["metrics"]["trained_parameters"] == summary["trained_parameters"] > 0
+  # The cell's stages as data: the edit at the top level, the attacks inside the suite.
+  stages = {(e["parent"], e["stage"]) for e in summary["stage_seconds"]}
+  assert {(None, "edit"), ("robustness (edited)", "latent probes")} <= stages, stages
   # The unedited control, knowledge and evidence were computed once and shared.
   shared = list((tmp_path / "work" / "shared").glob("sports_random16-*/seed0/unedited/evaluation/unedited.json"))
   assert len(shared) == 1
@@ -314,6 +317,7 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   assert len(list((tmp_path / "work" / "shared" / "knowledge").glob("*.json"))) == 1
   text = (out / "study.md").read_text()
   assert "## sports_random16" in text and "| random_mlps |" in text and "## Claims of the paper" in text
+  assert "## Where a cell's time goes" in text and "latent probes |" in text
   assert (out / "figures" / "sports_random16_probes.png").is_file()
 
   # A rerun never reruns a finished cell.
