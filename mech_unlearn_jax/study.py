@@ -536,9 +536,26 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
   return buf.getvalue()
 
 
+# Metrics that are not probabilities; each is non-negative.
+_UNBOUNDED_METRICS = ("trained_parameters", "cell_seconds", "retain_kl", "retain_loss")
+
+
+def _clipped(iv: Interval, metric: str) -> Interval:
+  """The interval cut to the metric's range ([0, 1] for probabilities, >= 0 for the rest).
+
+  With two or three seeds a t-interval is wide (t = 12.7 at n = 2) and runs past a
+  probability's bounds; the cut only changes how it reads, not what it includes.
+  """
+  if iv.lo is None:
+    return iv
+  hi = iv.hi if metric in _UNBOUNDED_METRICS else min(iv.hi, 1.0)
+  return dataclasses.replace(iv, lo=max(iv.lo, 0.0), hi=hi)
+
+
 def _fmt_interval(iv: Interval | None, metric: str) -> str:
   if iv is None:
     return "-"
+  iv = _clipped(iv, metric)
   if metric in ("trained_parameters", "cell_seconds"):
     text = f"{iv.mean:,.0f}"
     return text if iv.lo is None or iv.sd == 0 else f"{text} [{iv.lo:,.0f}, {iv.hi:,.0f}]"
@@ -603,8 +620,8 @@ def setting_markdown(data: StudyData, setting: StudySetting) -> str:
     return "\n".join(out + ["No finished cells yet.\n"])
   seeds = sorted({seed for (s, _, _), v in data.values.items() if s == setting.name for seed in v})
   out.append(
-    f"Seeds with results: {seeds}. Cells: `mean [{data.config.confidence:.0%} t-interval over seeds]`;"
-    " `(n=1)`: one seed, no interval yet.\n"
+    f"Seeds with results: {seeds}. Cells: `mean [{data.config.confidence:.0%} t-interval over seeds]`, cut"
+    " to the metric's range ([0, 1] for probabilities); `(n=1)`: one seed, no interval yet.\n"
   )
   formats = _formats(data, setting.name)
   out.append("Format validity (unedited model above chance on maintain facts, Wilson 95% on argmax):\n")

@@ -348,3 +348,10 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   assert [o.status for o in outcomes] == ["ran"]
   for rel in kept:  # read back, not recomputed (a recomputed record has its own timing)
     assert (tmp_path / "fresh" / "shared" / rel).read_bytes() == (out / "shared" / rel).read_bytes(), rel
+
+
+def test_intervals_are_cut_to_the_metrics_range():
+  wide = study.Interval(n=2, mean=0.95, lo=-0.4, hi=2.3, sd=0.1)
+  assert study._fmt_interval(wide, "forget_qa") == "0.950 [0.000, 1.000]"
+  assert study._fmt_interval(wide, "retain_kl") == "0.9500 [0.0000, 2.3000]"  # KL has no upper bound
+  assert study._fmt_interval(study.Interval(1, 0.5, None, None, None), "forget_qa") == "0.500 (n=1)"
