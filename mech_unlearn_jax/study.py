@@ -1051,8 +1051,8 @@ def stage_time_markdown(summaries: Sequence[Mapping[str, Any]], max_depth: int =
       per_stage[key].append(seconds)
   lines = [
     "\n## Where a cell's time goes\n",
-    f"Median over the {len(timed)} cells that recorded their stages (last attempt; stages inside the"
-    " robustness suite indented).\n",
+    f"Median over the {len(timed)} cells that recorded their stages (a cell's attempts summed; stages"
+    " inside the robustness suite indented).\n",
     "| stage | median seconds | cells |",
     "|---|---|---|",
   ]
@@ -1125,7 +1125,8 @@ def _summary(
     "trained_parameters": int(results["trained_parameters"]),
     "cell_seconds": seconds,
     "attempt_seconds": list(attempts),
-    # The last attempt's stages (`progress.timing_log`): where the cell's time went.
+    # Every attempt's stages (`progress.timing_log`, with an "attempt" index): where
+    # the cell's time went, a killed attempt's work included.
     "stage_seconds": [dict(entry) for entry in stage_seconds],
     "split": results["split"],
     "format_validity": results["format_validity"],
@@ -1183,8 +1184,10 @@ def run_cell(
     _check_recorded_spec(recorded, summary, spec)
     io.write_json(summary_path, summary)
     return CellOutcome(cell, "skipped")
-  attempts = list(io.read_json(timing_path, "cell timing")["attempts"]) if timing_path.is_file() else []
+  timing = io.read_json(timing_path, "cell timing") if timing_path.is_file() else {}
+  attempts, stages = list(timing.get("attempts", [])), list(timing.get("stages", []))
   started = time.time()
+  stage_seconds: list[dict[str, Any]] = []
   try:
     with progress.timing_log() as stage_seconds:
       results = run_lib.run_experiment(
@@ -1192,15 +1195,20 @@ def run_cell(
       )
   except BaseException:
     # A failed or interrupted attempt still counts toward the cell's cost.
-    io.write_json(timing_path, {"attempts": attempts + [time.time() - started]})
+    attempt = len(attempts)
+    io.write_json(timing_path, {
+      "attempts": attempts + [time.time() - started],
+      "stages": stages + [dict(e, attempt=attempt) for e in stage_seconds],
+    })
     raise
   finally:
     # Cells compile for their own masks; without this a long study passes the
     # per-process memory-mapping limit and crashes.
     compile_cache.release_compiled_code()
+  stages += [dict(e, attempt=len(attempts)) for e in stage_seconds]
   attempts.append(time.time() - started)
-  io.write_json(timing_path, {"attempts": attempts})
-  summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stage_seconds)
+  io.write_json(timing_path, {"attempts": attempts, "stages": stages})
+  summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stages)
   io.write_json(recorded, summary)
   io.write_json(summary_path, summary)
   return CellOutcome(cell, "ran", seconds=summary["cell_seconds"])

@@ -279,7 +279,10 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   assert (first_dir / "evaluation" / "edited.json").is_file()  # the edit had finished
   outcomes = study.run_study(config, tmp_path / "work", out, max_cells=1)
   assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "ran")]  # stopped by max_cells
-  assert len(io.read_json(first_dir / "study_timing.json")["attempts"]) == 2
+  timing = io.read_json(first_dir / "study_timing.json")
+  assert len(timing["attempts"]) == 2
+  # The killed attempt's stages count too: its edit ran in attempt 0.
+  assert {(e["attempt"], e["stage"]) for e in timing["stages"]} >= {(0, "edit"), (1, "robustness (edited)")}
   outcomes = study.run_study(config, tmp_path / "work", out)
   assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "skipped"), ("random_mlps", "ran")]
 
