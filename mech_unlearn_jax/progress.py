@@ -89,20 +89,20 @@ def release_free_heap() -> None:
     pass
 
 
-# Open `timing_log`s (entries, start time, how many stages were open when the log
-# began) and the names of the open stages.
+# Open `timing_log`s (their entries, start time, and how many stages were open when
+# the log began) and the names of the open stages.
 _timing_logs: list[tuple[list[dict[str, Any]], float, int]] = []
 _open_stages: list[str] = []
 
 
 @contextlib.contextmanager
 def timing_log() -> Iterator[list[dict[str, Any]]]:
-  """Collects every stage finished inside the block, in the order they started.
+  """Collects every stage that starts and finishes inside the block, in start order.
 
   Each entry is {"stage", "parent" (the enclosing stage's name, or None for a stage
   that no stage inside the block encloses), "depth" (counted from the block), "start"
   (seconds after the block began), "seconds"}, so a run's cost can be read per stage
-  after the fact instead of from its log.
+  after the fact instead of from its log. A stage that raised is left out.
   """
   entries: list[dict[str, Any]] = []
   record = (entries, time.time(), len(_open_stages))
@@ -111,7 +111,6 @@ def timing_log() -> Iterator[list[dict[str, Any]]]:
     yield entries
   finally:
     _timing_logs.remove(record)
-    entries.sort(key=lambda e: (e["start"], e["depth"]))  # a stage before those it encloses
 
 
 @contextlib.contextmanager
@@ -130,19 +129,29 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
   """
   info: dict[str, Any] = {"detail": ""}
   start, peak_before = time.time(), peak_rss_bytes()
-  enclosing = list(_open_stages)
+  # Each open log gets its entry now, so entries are in start order; "seconds" is
+  # filled in when the stage finishes.
+  opened = []
+  for entries, log_start, outside in _timing_logs:
+    depth = len(_open_stages) - outside
+    entry = {
+        "stage": name, "parent": _open_stages[-1] if depth else None, "depth": depth,
+        "start": round(start - log_start, 2),
+    }
+    entries.append(entry)
+    opened.append((entries, entry))
   _open_stages.append(name)
   try:
     yield info
+  except BaseException:
+    for entries, entry in opened:
+      entries.remove(entry)
+    raise
   finally:
     _open_stages.pop()
   seconds = time.time() - start
-  for entries, log_start, outside in _timing_logs:
-    depth = len(enclosing) - outside
-    entries.append({
-        "stage": name, "parent": enclosing[-1] if depth else None, "depth": depth,
-        "start": round(start - log_start, 2), "seconds": round(seconds, 2),
-    })
+  for _, entry in opened:
+    entry["seconds"] = round(seconds, 2)
   detail, peak = info["detail"], peak_rss_bytes()
   if peak > peak_before:
     detail = f"{detail}  [peak RSS {peak / 2**30:.2f} GiB]".strip()

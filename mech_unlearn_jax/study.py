@@ -1111,7 +1111,7 @@ class CellOutcome:
 
 def _summary(
   cell: Cell, spec: ExperimentSpec, results: Mapping[str, Any], seconds: float, attempts: Sequence[float],
-  stage_seconds: Sequence[Mapping[str, Any]] = (),
+  stage_seconds: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
   edited, unedited = cell_metrics(results)
   edited["cell_seconds"] = seconds
@@ -1186,28 +1186,27 @@ def run_cell(
     return CellOutcome(cell, "skipped")
   timing = io.read_json(timing_path, "cell timing") if timing_path.is_file() else {}
   attempts, stages = list(timing.get("attempts", [])), list(timing.get("stages", []))
+
+  def record_attempt(stage_seconds) -> None:
+    # A failed or interrupted attempt counts toward the cell's cost too.
+    stages.extend(dict(e, attempt=len(attempts)) for e in stage_seconds)
+    attempts.append(time.time() - started)
+    io.write_json(timing_path, {"attempts": attempts, "stages": stages})
+
   started = time.time()
-  stage_seconds: list[dict[str, Any]] = []
   try:
     with progress.timing_log() as stage_seconds:
       results = run_lib.run_experiment(
         spec, cell_dir, shared=shared_outputs(spec, cell.setting, workdir), loaded=models.get(spec)
       )
   except BaseException:
-    # A failed or interrupted attempt still counts toward the cell's cost.
-    attempt = len(attempts)
-    io.write_json(timing_path, {
-      "attempts": attempts + [time.time() - started],
-      "stages": stages + [dict(e, attempt=attempt) for e in stage_seconds],
-    })
+    record_attempt(stage_seconds)
     raise
   finally:
     # Cells compile for their own masks; without this a long study passes the
     # per-process memory-mapping limit and crashes.
     compile_cache.release_compiled_code()
-  stages += [dict(e, attempt=len(attempts)) for e in stage_seconds]
-  attempts.append(time.time() - started)
-  io.write_json(timing_path, {"attempts": attempts, "stages": stages})
+  record_attempt(stage_seconds)
   summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stages)
   io.write_json(recorded, summary)
   io.write_json(summary_path, summary)

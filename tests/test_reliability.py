@@ -535,3 +535,10 @@ def test_timing_log_records_nested_stages_in_start_order():
   with progress.stage("after the logs closed"):
     pass
   assert len(outer) == 3
+  with progress.timing_log() as failed:
+    with pytest.raises(KeyboardInterrupt):
+      with progress.stage("killed"):
+        raise KeyboardInterrupt
+    with progress.stage("next"):
+      pass
+  assert [e["stage"] for e in failed] == ["next"]  # a stage that raised did not finish
