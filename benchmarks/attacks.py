@@ -2,6 +2,7 @@
 
   python -m benchmarks.attacks                  # every attacker at the default config
   python -m benchmarks.attacks --steps=3 --attackers=relearn_lora,softprompt_prefix
+  python -m benchmarks.attacks --block_scan=true,false   # scanned blocks vs block by block
 
 Each attacker is built by the library's own constructors at the main job's default
 settings (`RobustnessConfig()`): LoRA relearning (r = 512, capped by the layer width)
@@ -19,6 +20,12 @@ and the training cost of the whole attack at its configured steps and number of
 seeded attacks, as a multiple of the edit's. Evaluations between steps (relearning
 curves, soft-prompt scores) are not included: they are forward passes, priced by
 `benchmarks.forward`.
+
+With `--block_scan=true,false` every row runs with the blocks scanned
+(`models.transformer.BlockStack`, the default) and block by block, and a last table
+gives the ratios (block by block / scanned) of trace + lower time (what a run pays
+even when the persistent compilation cache holds the executable), trace + compile
+time and step time.
 """
 
 from __future__ import annotations
@@ -39,13 +46,14 @@ from mech_unlearn_jax.evals import softprompt as softprompt_lib
 from mech_unlearn_jax.experiment.robustness import RobustnessConfig
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.localize import masks as masks_lib
-from mech_unlearn_jax.models import loaders
+from mech_unlearn_jax.models import loaders, transformer
 from mech_unlearn_jax.train import soft_prompt as sp
 from mech_unlearn_jax.train.loop import can_share_prefix
 
 ATTACKERS = ("edit", "relearn_lora", "relearn_full", "softprompt_prefix", "softprompt_adapter")
 _ATTACKERS = flags.DEFINE_list("attackers", list(ATTACKERS), f"Which rows (of {ATTACKERS}); 'edit' is the reference.")
 _BENCH_STEPS = flags.DEFINE_integer("timed_steps", 3, "Timed steps after the compile step.")
+_BLOCK_SCAN = flags.DEFINE_list("block_scan", ["true"], "Run every row with each of these BlockStack.scan settings.")
 NUM_RETAIN, RETAIN_WINDOW = 32, 32
 
 
@@ -70,16 +78,39 @@ def sports_pools(tokenizer, vocab_size: int):
   return edit, true, maintain, retain
 
 
-def time_training(params, trainable, update_mask, data, config, timed_steps: int, peak_cpu: float) -> dict:
-  """Compile + timed steps of `train_step` as `train_lib.train` would run it."""
+def setup(name: str, model, pools, robust: RobustnessConfig, edit_config):
+  """((params, trainable, update_mask), data, config, seeded attacks) of one row."""
+  edit_facts, true_facts, maintain, retain = pools
+  if name == "edit":
+    mask = masks_lib.mask_from_units(model, [masks_lib.Unit(3, "mlp")])
+    return train_lib.mask_trainable(model, mask), train_lib.EditData(edit_facts, maintain, retain), edit_config, 1
+  if name.startswith("relearn"):
+    attacker = robust.relearn_lora if name == "relearn_lora" else robust.relearn_full
+    built = relearn_lib.attack_trainable(model, attacker, seed=0)
+    return built, train_lib.EditData(true_facts, maintain, retain), attacker.training, 1  # 8 per step
+  attack = robust.softprompt_prefix if name == "softprompt_prefix" else robust.softprompt_adapter
+  max_norm = attack.norm_scale * sp.median_embedding_norm(model, seed=attack.seed)
+  built = softprompt_lib.make_attack_trainable(model, attack, max_norm, seed=0)
+  return built, train_lib.EditData(forget=true_facts), attack.training, attack.num_attacks
+
+
+def step_inputs(params, trainable, update_mask, data, config):
+  """(fresh train state, step-0 batch, rng, the step's other arguments) as `train` builds them."""
   loss_fn = train_lib.EditLoss(config)
   share = can_share_prefix(loss_fn, trainable, params)
   batch = train_lib.make_batch_fn(data, config, share_prefix=share)(0)
   state = jax.device_put(train_lib.init_state(jax.tree.map(np.array, params), config), jax.devices()[0])
   kwargs = dict(trainable=trainable, update_mask=update_mask, loss_fn=loss_fn, config=config)
-  rng = jax.random.key(0)
+  return state, batch, jax.random.key(0), kwargs
+
+
+def time_training(params, trainable, update_mask, data, config, timed_steps: int, peak_cpu: float) -> dict:
+  """Compile + timed steps of `train_step` as `train_lib.train` would run it."""
+  state, batch, rng, kwargs = step_inputs(params, trainable, update_mask, data, config)
   t = time.perf_counter()
-  compiled = train_lib.train_step.lower(state, batch, rng, **kwargs).compile()
+  lowered = train_lib.train_step.lower(state, batch, rng, **kwargs)
+  trace_s = time.perf_counter() - t
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -95,7 +126,7 @@ def time_training(params, trainable, update_mask, data, config, timed_steps: int
     cpus.append(time.process_time() - c)
   cpu = statistics.median(cpus)
   return {
-      "trained_params": train_lib.count_parameters(params), "compile_s": compile_s,
+      "trained_params": train_lib.count_parameters(params), "trace_s": trace_s, "compile_s": compile_s,
       "step_s": statistics.median(walls), "step_cpu_s": cpu, "xla_gflop": flops / 1e9,
       "mfu_cpu_time": flops / cpu / peak_cpu,
   }
@@ -106,47 +137,49 @@ def main(argv):
   unknown = [a for a in _ATTACKERS.value if a not in ATTACKERS]
   if unknown:
     raise app.UsageError(f"--attackers: unknown {unknown}; expected some of {ATTACKERS}")
+  scans = [_parse_bool(v) for v in _BLOCK_SCAN.value]
   _, peak_cpu = edit_bench.matmul_peak()
-  model, tokenizer = loaders.load_model_and_tokenizer("default")
-  edit_facts, true_facts, maintain, retain = sports_pools(tokenizer, model.config.vocab_size)
+  loaded, tokenizer = loaders.load_model_and_tokenizer("default")
+  edit_facts, true_facts, maintain, retain = sports_pools(tokenizer, loaded.config.vocab_size)
   robust = RobustnessConfig()
   edit_config = ExperimentSpec().edit
   rows = {}
-  for name in _ATTACKERS.value:
-    if name == "edit":
-      mask = masks_lib.mask_from_units(model, [masks_lib.Unit(3, "mlp")])
-      built = train_lib.mask_trainable(model, mask)
-      config, data, repeats = edit_config, train_lib.EditData(edit_facts, maintain, retain), 1
-    elif name.startswith("relearn"):
-      attacker = robust.relearn_lora if name == "relearn_lora" else robust.relearn_full
-      built = relearn_lib.attack_trainable(model, attacker, seed=0)
-      config, repeats = attacker.training, 1
-      data = train_lib.EditData(true_facts, maintain, retain)  # 8 of them per step
-    else:
-      attack = robust.softprompt_prefix if name == "softprompt_prefix" else robust.softprompt_adapter
-      max_norm = attack.norm_scale * sp.median_embedding_norm(model, seed=attack.seed)
-      built = softprompt_lib.make_attack_trainable(model, attack, max_norm, seed=0)
-      config, repeats = attack.training, attack.num_attacks
-      data = train_lib.EditData(forget=true_facts)
+  for name, scan in [(n, s) for n in _ATTACKERS.value for s in scans]:
+    model = transformer.with_block_scan(loaded, scan)
+    built, data, config, repeats = setup(name, model, (edit_facts, true_facts, maintain, retain), robust, edit_config)
     params, trainable, update_mask = built
     row = time_training(params, trainable, update_mask, data, config, _BENCH_STEPS.value, peak_cpu)
     row.update(steps=config.steps, attacks=repeats)
     # Training cost of the whole attack: every seeded attack reuses the compiled step.
     row["training_s"] = row["compile_s"] + repeats * config.steps * row["step_s"]
     row["training_cpu_s"] = repeats * config.steps * row["step_cpu_s"]
+    name = name if len(scans) == 1 else f"{name} ({'scanned' if scan else 'block by block'})"
     rows[name] = row
     print(f"{name}: {row}", flush=True)
   print(f"\nfp32 matmul peak: {peak_cpu / 1e9:.1f} GFLOP per CPU-second (this process)")
   header = ("attacker", "trained", "steps x attacks", "compile s", "step s", "step CPU s", "XLA GFLOP", "MFU (CPU)", "training CPU s", "vs edit")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-  edit_cpu = rows.get("edit", {}).get("training_cpu_s")
+  edit_cpu = rows.get("edit" if len(scans) == 1 else "edit (scanned)", {}).get("training_cpu_s")
   for name, r in rows.items():
     ratio = f"{r['training_cpu_s'] / edit_cpu:.2f}x" if edit_cpu else "-"
     print(f"| {name} | {r['trained_params']:,} | {r['steps']} x {r['attacks']} | {r['compile_s']:.1f} | {r['step_s']:.2f} |"
           f" {r['step_cpu_s']:.2f} | {r['xla_gflop']:.1f} | {r['mfu_cpu_time']:.0%} | {r['training_cpu_s']:.0f} | {ratio} |")
-  if edit_cpu:
+  if edit_cpu and len(scans) == 1:
     attacks = sum(r["training_cpu_s"] for n, r in rows.items() if n != "edit")
     print(f"\nall attacks' training / the edit's (CPU time): {attacks / edit_cpu:.2f}x")
+  if set(scans) == {True, False}:
+    print("\n| attacker | trace + lower: block by block / scanned | trace + compile | step |\n|---|---|---|---|")
+    for name in _ATTACKERS.value:
+      a, b = rows[f"{name} (block by block)"], rows[f"{name} (scanned)"]
+      print(f"| {name} | {a['trace_s'] / b['trace_s']:.2f}x ({a['trace_s']:.1f} / {b['trace_s']:.1f} s) |"
+            f" {a['compile_s'] / b['compile_s']:.2f}x ({a['compile_s']:.1f} / {b['compile_s']:.1f} s) |"
+            f" {a['step_s'] / b['step_s']:.2f}x ({a['step_s']:.2f} / {b['step_s']:.2f} s) |")
+
+
+def _parse_bool(value: str) -> bool:
+  if value.lower() not in ("true", "false"):
+    raise app.UsageError(f"--block_scan: expected true or false, got {value!r}")
+  return value.lower() == "true"
 
 
 if __name__ == "__main__":

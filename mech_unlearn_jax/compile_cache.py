@@ -35,18 +35,54 @@ def enable(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
   return path
 
 
-def release_compiled_code() -> None:
-  """Drops every cached compiled executable (and collects garbage).
+def release_compiled_code(keep_traces: bool = True) -> None:
+  """Drops every in-memory compiled executable (and collects garbage).
 
   Each XLA:CPU executable keeps memory mappings for its code. A process that compiles
   thousands of functions (a test suite, a study running many cells with different
   masks) passes the kernel's per-process limit (vm.max_map_count, 65530 by default)
   and the next compile crashes it. Call this between independent units of work; the
   persistent cache makes the recompiles cheap.
+
+  Args:
+    keep_traces: keep JAX's traces (jaxprs) of the jitted functions, dropping only
+      their lowered modules and executables. A later call with the same shapes and
+      structure (the next attack's training step on another model of the same
+      architecture) then skips Python tracing, which was most of a study stage's
+      first minutes (docs/performance.md), lowers again and reads the executable
+      from the persistent cache. Traces hold no executables and no device buffers
+      passed as arguments. False (or a JAX without these caches) clears every cache
+      (`jax.clear_caches()`).
   """
   import gc  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  jax.clear_caches()
+  if not keep_traces or not _drop_executables_only():
+    jax.clear_caches()
   gc.collect()
+
+
+def _drop_executables_only() -> bool:
+  """Clears the caches holding executables (not traces); False if JAX has none such."""
+  # The caches `jax.clear_caches()` clears, minus the trace cache: lowered
+  # computations (which keep the executable compiled from them), compiled
+  # executables, and the C++ dispatch caches of every jitted function. Private to
+  # JAX, hence the fallback; the pinned version has them.
+  try:
+    from jax._src import pjit  # pylint: disable=g-import-not-at-top
+    from jax._src.interpreters import pxla  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+
+    caches = (
+        pjit._pjit_lower.cache_clear,
+        pxla.clear_in_memory_compilation_cache,
+        pjit._cpp_pjit_cache_fun_only.clear,
+        pjit._cpp_pjit_cache_explicit_attributes.clear,
+        _jax.PjitFunctionCache.clear_all,
+    )
+  except (ImportError, AttributeError):
+    return False
+  for clear in caches:
+    clear()
+  return True

@@ -124,7 +124,8 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
   stage's compiled executables are dropped too (`compile_cache.release_compiled_code`):
   an XLA:CPU executable of the 270M model holds tens of MB, so a run's stages would
   otherwise pile up a GB of code they no longer call; a later stage of the same shapes
-  reads them back from the persistent compilation cache. MECH_UNLEARN_JAX_KEEP_COMPILED=1
+  keeps the traces, so it only lowers again and reads the executables back from the
+  persistent compilation cache. MECH_UNLEARN_JAX_KEEP_COMPILED=1
   keeps them (a test suite of tiny models, whose many short stages would recompile).
   """
   info: dict[str, Any] = {"detail": ""}

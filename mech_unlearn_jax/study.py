@@ -1204,7 +1204,8 @@ def run_cell(
     raise
   finally:
     # Cells compile for their own masks; without this a long study passes the
-    # per-process memory-mapping limit and crashes.
+    # per-process memory-mapping limit and crashes. Traces stay: the next cell's
+    # attacks and scorers have the same structure.
     compile_cache.release_compiled_code()
   record_attempt(stage_seconds)
   summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stages)

@@ -30,8 +30,9 @@ def reference_data_dir() -> pathlib.Path:
 def _release_compiled_code():
   """Frees each test module's compiled executables when it ends (a whole suite in one
   process would otherwise pass the per-process memory-mapping limit; see
-  `compile_cache.release_compiled_code`)."""
+  `compile_cache.release_compiled_code`), and its traces: a module that monkeypatches
+  what a jitted function calls must not get another module's trace."""
   yield
   from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
-  compile_cache.release_compiled_code()
+  compile_cache.release_compiled_code(keep_traces=False)

@@ -243,3 +243,61 @@ def test_token_embedding_lookup_matches_penzai(tiny_model):
   ours = lookup(tokens).untag("batch", "seq", "embedding").unwrap()
   theirs = pz.nn.EmbeddingLookup(lookup.table)(tokens).untag("batch", "seq", "embedding").unwrap()
   np.testing.assert_array_equal(ours, theirs)
+
+
+def _scan_run_lengths(model):
+  return [len(run) for run in model.blocks._runs()]
+
+
+def test_block_scan_matches_block_by_block_and_scans_identical_blocks(tiny_model):
+  # tiny-gemma3 mixes local and global layers (other RoPE base, other mask); as data
+  # they share one scan.
+  assert set(TINY.layer_types) == {"local", "global"}
+  assert _scan_run_lengths(tiny_model) == [TINY.num_layers]
+  tokens, positions = forward.left_pad([[2, 5, 6, 7, 8, 9, 10, 11, 12], [2, 30, 31]], multiple=8)
+  reference = transformer.with_block_scan(tiny_model, False)
+  np.testing.assert_allclose(
+      forward.full_logits(tiny_model, tokens, positions),
+      forward.full_logits(reference, tokens, positions), atol=2e-5,
+  )
+  def jaxpr(model):
+    return str(jax.make_jaxpr(lambda: forward.last_logits(model, tokens, positions))())
+
+  assert "scan[" in jaxpr(tiny_model)
+  assert "scan[" not in jaxpr(reference)
+
+  # Gradients with respect to every weight agree too (the training steps' path).
+  def loss(model):
+    return forward.last_logits(model, tokens, positions).sum()
+
+  unbound, params = pz.unbind_params(tiny_model, freeze=True)
+  grad_fn = lambda scan: jax.grad(lambda p: loss(transformer.with_block_scan(pz.bind_variables(unbound, p), scan)))
+  scanned, unrolled = grad_fn(True)(params), grad_fn(False)(params)
+  assert len(scanned) == len(unrolled) > 10
+  for a, b in zip(scanned, unrolled):
+    axes = tuple(a.value.named_shape)
+    np.testing.assert_allclose(a.value.unwrap(*axes), b.value.unwrap(*axes), atol=1e-4, rtol=1e-4)
+
+
+def test_block_scan_splits_at_hooks_and_state():
+  from mech_unlearn_jax import interventions as iv  # pylint: disable=g-import-not-at-top
+
+  config = TINY.replace(num_layers=6, layer_types=("local", "local", "global") * 2)
+  model = transformer.build_transformer(config, jax.random.key(3))
+  assert _scan_run_lengths(model) == [6]
+  tokens, positions = forward.left_pad([[2, 5, 6, 7, 8], [2, 30, 31]])
+  delta = pz.nx.wrap(jnp.full((config.embedding_dim,), 0.1)).tag("embedding")
+  hooked = iv.insert_at_sites(model, [iv.Site(2, "mlp_out")], lambda s: iv.AddDelta(s, delta))
+  assert _scan_run_lengths(hooked) == [2, 1, 3]
+  np.testing.assert_allclose(
+      forward.last_logits(hooked, tokens, positions),
+      forward.last_logits(transformer.with_block_scan(hooked, False), tokens, positions), atol=2e-5,
+  )
+  # A hook holding state (a capture) never runs inside a scan: its block runs alone,
+  # and what it records is the activation of that layer.
+  acts = iv.capture(model, [iv.Site(4, "resid_post")], tokens, positions)
+  reference = iv.capture(transformer.with_block_scan(model, False), [iv.Site(4, "resid_post")], tokens, positions)
+  np.testing.assert_allclose(
+      acts[iv.Site(4, "resid_post")].unwrap("batch", "seq", "embedding"),
+      reference[iv.Site(4, "resid_post")].unwrap("batch", "seq", "embedding"), atol=2e-5,
+  )

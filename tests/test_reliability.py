@@ -447,6 +447,24 @@ def test_release_compiled_code_frees_memory_mappings():
   assert maps() < grown - 40
   del keep
 
+  # The executables go, the traces stay: calling again compiles (or reads the
+  # persistent cache) without tracing the Python function again, unless asked to.
+  traces = []
+
+  @jax.jit
+  def traced(x):
+    traces.append(x.shape)
+    return jnp.cos(x) + 1
+
+  traced(jnp.ones(5))
+  compile_cache.release_compiled_code()
+  assert traced._cache_size() == 0
+  np.testing.assert_allclose(traced(jnp.ones(5)), np.cos(1.0) + 1, rtol=1e-6)
+  assert len(traces) == 1
+  compile_cache.release_compiled_code(keep_traces=False)
+  traced(jnp.ones(5))
+  assert len(traces) == 2
+
 
 def test_stage_line_names_the_stage_that_raised_peak_memory():
   # A fresh process, so its peak is small and a 400 MB allocation raises it. The parent

@@ -28,6 +28,7 @@ folded in when loading), `transformer/embedder.embeddings`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -60,12 +61,29 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
+def _apply_rope(
+    inputs: pz.nx.NamedArray, positions: pz.nx.NamedArray, inverse_frequencies, axis: str
+) -> pz.nx.NamedArray:
+  """Rotates the halves of `inputs`' `axis` by position * inverse frequency."""
+
+  def rotate(x, position):
+    angles = position.astype(jnp.float32) * inverse_frequencies
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    first, second = jnp.split(x.astype(jnp.float32), 2)
+    out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin])
+    return out.astype(x.dtype)
+
+  return pz.nx.nmap(rotate)(inputs.untag(axis), positions).tag(axis)
+
+
 @pz.pytree_dataclass
 class RotaryEmbedding(pz.nn.Layer):
   """Split-half rotary position embedding with configurable frequencies.
 
   Unlike `pz.nn.ApplyRoPE` it supports linear position scaling (Gemma 3 >= 4B) and
-  Llama 3.1's frequency rescaling, both fixed at build time.
+  Llama 3.1's frequency rescaling, both fixed at build time. `head_dim` (the size of
+  `embedding_axis`) is optional; with it `BlockStack` can turn the layer into
+  `RotaryWithFrequencies` before it sees an input.
   """
 
   rope: RopeConfig = dataclasses.field(metadata={"pytree_node": False})
@@ -73,21 +91,47 @@ class RotaryEmbedding(pz.nn.Layer):
   positions_input_name: str = dataclasses.field(
       default="token_positions", metadata={"pytree_node": False}
   )
+  head_dim: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
 
   def __call__(self, inputs: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
-    positions = side_inputs[self.positions_input_name]
     head_dim = inputs.named_shape[self.embedding_axis]
+    if self.head_dim is not None and head_dim != self.head_dim:
+      raise ValueError(
+          f"RotaryEmbedding built for {self.embedding_axis}={self.head_dim} got an input with {head_dim}"
+      )
     inv_freq = jnp.asarray(rope_inverse_frequencies(self.rope, head_dim))
+    return _apply_rope(inputs, side_inputs[self.positions_input_name], inv_freq, self.embedding_axis)
 
-    def rotate(x, position):
-      angles = position.astype(jnp.float32) * inv_freq
-      sin, cos = jnp.sin(angles), jnp.cos(angles)
-      first, second = jnp.split(x.astype(jnp.float32), 2)
-      out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin])
-      return out.astype(x.dtype)
+  def with_frequencies_as_data(self) -> "RotaryWithFrequencies":
+    """The same rotation with its frequencies as an array (needs `head_dim`)."""
+    if self.head_dim is None:
+      raise ValueError("RotaryEmbedding.with_frequencies_as_data needs head_dim")
+    return RotaryWithFrequencies(
+        inverse_frequencies=rope_inverse_frequencies(self.rope, self.head_dim),
+        embedding_axis=self.embedding_axis,
+        positions_input_name=self.positions_input_name,
+    )
 
-    out = pz.nx.nmap(rotate)(inputs.untag(self.embedding_axis), positions)
-    return out.tag(self.embedding_axis)
+
+@pz.pytree_dataclass
+class RotaryWithFrequencies(pz.nn.Layer):
+  """`RotaryEmbedding` whose inverse frequencies are data, not static config.
+
+  Local and global Gemma 3 layers differ only in RoPE base (static in
+  `RotaryEmbedding`); with the frequencies as data their blocks have one structure,
+  so `BlockStack` can scan over them.
+  """
+
+  inverse_frequencies: Any
+  embedding_axis: str = dataclasses.field(default="projection", metadata={"pytree_node": False})
+  positions_input_name: str = dataclasses.field(
+      default="token_positions", metadata={"pytree_node": False}
+  )
+
+  def __call__(self, inputs: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+    return _apply_rope(
+        inputs, side_inputs[self.positions_input_name], self.inverse_frequencies, self.embedding_axis
+    )
 
 
 @pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
@@ -108,6 +152,136 @@ class TokenEmbeddingLookup(pz.nn.EmbeddingLookup):
     return pz.nx.nmap(lambda t, i: t[i])(rows, token_index).tag(*others)
 
 
+# The window that makes a sliding-window mask a plain causal one (q - k < 2^31 - 1).
+_UNBOUNDED_WINDOW = np.iinfo(np.int32).max
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_partial(func, args, keywords) -> functools.partial:
+  return functools.partial(func, *args, **dict(keywords))
+
+
+def _same_partial_for_equal_ones(layer: pz.nn.Elementwise) -> pz.nn.Elementwise:
+  # penzai's MLP builder makes a new `functools.partial(gelu, approximate=True)` per
+  # block, and partials compare by identity: one shared object per distinct partial
+  # lets equal blocks have equal structure.
+  fn = layer.fn
+  if isinstance(fn, functools.partial):
+    fn = _shared_partial(fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+  return dataclasses.replace(layer, fn=fn)
+
+
+def _scan_form(block: Any) -> tuple[Any, list[Any], tuple[Any, ...]] | None:
+  """(treedef, leaves, signature) of a block in a form blocks can share, or None.
+
+  The form computes exactly what `block` computes, but with everything that differs
+  between layers as data: parameter labels dropped (frozen values only), RoPE
+  frequencies as an array, the global causal mask as a sliding one with an unbounded
+  window. Blocks holding mutable state (a `Capture` hook's `StateVariable`) or
+  anything else that cannot be stacked have no such form and run unscanned.
+  """
+  frozen = pz.freeze_params(block)
+  _, leftover = pz.unbind_variables(frozen)
+  if leftover:
+    return None
+  if pz.select(frozen).at_instances_of(RotaryEmbedding).where(lambda r: r.head_dim is None).count():
+    return None
+  form = (
+      pz.select(frozen)
+      .at_instances_of(pz.ParameterValue)
+      .apply(lambda p: pz.ParameterValue(value=p.value, label="stacked"))
+  )
+  form = pz.select(form).at_instances_of(RotaryEmbedding).apply(lambda r: r.with_frequencies_as_data())
+  form = pz.select(form).at_instances_of(pz.nn.Elementwise).apply(_same_partial_for_equal_ones)
+  form = (
+      pz.select(form)
+      .at_instances_of(pz.nn.ApplyCausalAttentionMask)
+      .where(lambda m: type(m) is pz.nn.ApplyCausalAttentionMask)
+      .apply(
+          lambda m: pz.nn.ApplyCausalSlidingWindowAttentionMask(
+              masked_out_value=m.masked_out_value,
+              sliding_window_size=_UNBOUNDED_WINDOW,
+              query_positions_input_name=m.query_positions_input_name,
+              kv_positions_input_name=m.kv_positions_input_name,
+              seq_axis=m.seq_axis,
+              kv_seq_axis=m.kv_seq_axis,
+          )
+      )
+  )
+  leaves, treedef = jax.tree.flatten(form)
+  try:
+    signature = tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+  except TypeError:
+    return None
+  return treedef, leaves, (treedef, signature)
+
+
+@pz.pytree_dataclass
+class BlockStack(pz.nn.Layer):
+  """The transformer blocks, called in order; identical neighbours share one scan.
+
+  Mathematically a `pz.nn.Sequential` of the blocks. A run of two or more adjacent
+  blocks with the same scan form (see `_scan_form`: same structure once parameter
+  labels and per-layer RoPE / mask settings are data) runs as one `jax.lax.scan` over
+  their stacked weights, so JAX traces one block instead of every block: tracing the
+  named-axis model block by block was most of a training stage's first minutes
+  (docs/performance.md). Hooks inserted at some layers only, or holding state, split
+  the runs there; those blocks run as written. Parameter labels, masks and selectors
+  see the blocks exactly as before (`sublayers`).
+
+  By default the scan is unrolled when lowered (as penzai's `LayerStack` does): XLA
+  gets the same program as block by block (same FLOPs and buffers for the 270M edit
+  step), so only the Python tracing is saved, and a gradient for one layer's weight
+  still costs that layer only. `unroll=False` lowers a real loop instead: compile time
+  no longer grows with depth, but the loop cannot skip work per layer, so a gradient
+  with respect to one layer's weight is computed for that weight in every layer of the
+  run (XLA's temporary buffers for the 270M edit step at `costs.EditWorkload()`: 23.3
+  GB unrolled, 33.8 GB as a loop).
+
+  Attributes:
+    sublayers: the blocks, in order.
+    scan: False runs every block unscanned (the reference execution).
+    unroll: whether scans are unrolled when lowered (see above).
+  """
+
+  sublayers: list[Any]
+  scan: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
+  unroll: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
+
+  def __call__(self, x: pz.nx.NamedArray, **side_inputs) -> pz.nx.NamedArray:
+    if not self.scan:
+      for block in self.sublayers:
+        x = block(x, **side_inputs)
+      return x
+    for run in self._runs():
+      if len(run) == 1:
+        x = run[0][0](x, **side_inputs)
+        continue
+      treedef = run[0][1][0]
+      stacked = [jnp.stack(column) for column in zip(*(form[1] for _, form in run))]
+
+      def body(carry, leaves, treedef=treedef):
+        out = jax.tree.unflatten(treedef, leaves)(carry, **side_inputs)
+        return pz.nx.order_like(out, carry), None
+
+      x, _ = jax.lax.scan(body, x, stacked, unroll=self.unroll)
+    return x
+
+  def _runs(self) -> list[list[tuple[Any, Any]]]:
+    """Maximal runs of adjacent blocks with one scan form: [(block, form), ...]."""
+    runs: list[list[tuple[Any, Any]]] = []
+    previous = None
+    for block in self.sublayers:
+      form = _scan_form(block)
+      key = None if form is None else form[2]
+      if runs and key is not None and key == previous:
+        runs[-1].append((block, form))
+      else:
+        runs.append([(block, form)])
+      previous = key
+    return runs
+
+
 @pz.pytree_dataclass
 class CausalLM(pz.nn.Layer):
   """Decoder-only language model: embed -> blocks -> final norm -> unembed.
@@ -118,14 +292,15 @@ class CausalLM(pz.nn.Layer):
 
   Attributes:
     embed: tokens -> residual stream (lookup, optional sqrt(d) scaling).
-    blocks: the transformer blocks (`model_parts.TransformerBlock` each).
+    blocks: the transformer blocks (`model_parts.TransformerBlock` each) in a
+      `BlockStack`, which scans over runs of identical blocks.
     final_norm: RMSNorm before the unembedding.
     unembed: residual stream -> vocabulary logits (with optional soft cap).
     config: the architecture (static).
   """
 
   embed: pz.nn.Layer
-  blocks: pz.nn.Sequential
+  blocks: BlockStack
   final_norm: pz.nn.Layer
   unembed: pz.nn.Layer
   config: TransformerConfig = dataclasses.field(metadata={"pytree_node": False})
@@ -178,6 +353,13 @@ class CausalLM(pz.nn.Layer):
     return self.unembed(hidden, token_positions=token_positions, **side_inputs)
 
 
+def with_block_scan(model: CausalLM, scan: bool) -> CausalLM:
+  """A copy of `model` whose blocks scan runs of identical blocks (True, the default
+  of built models) or run one by one (False: the reference execution; results agree
+  to float rounding, ~1e-6 of the logits)."""
+  return dataclasses.replace(model, blocks=dataclasses.replace(model.blocks, scan=scan))
+
+
 def _llamalike_config(config: TransformerConfig) -> llamalike_common.LlamalikeTransformerConfig:
   """The penzai config whose helpers (MLP builder, head axes) we reuse."""
   return llamalike_common.LlamalikeTransformerConfig(
@@ -228,7 +410,7 @@ def _build_attention(name: str, rng, config: TransformerConfig, layer: int) -> p
     if config.qk_norm and which in ("query", "key"):
       layers.append(_rms_norm(f"{name}/{which}_norm", rng, {"projection": p}, config))
     if which in ("query", "key"):
-      layers.append(RotaryEmbedding(rope=rope))
+      layers.append(RotaryEmbedding(rope=rope, head_dim=p))
     if which == "query":
       layers.append(pz.nn.ConstantRescale(by=jnp.array(config.query_scale, dtype=act_dtype)))
     return pz.nn.Sequential(layers)
@@ -336,7 +518,7 @@ def build_transformer(
   ]
   return CausalLM(
       embed=pz.nn.Sequential(embed),
-      blocks=pz.nn.Sequential(blocks),
+      blocks=BlockStack(blocks),
       final_norm=_rms_norm(f"{name}/final_norm", init_rng, {"embedding": config.embedding_dim}, config),
       unembed=pz.nn.Sequential(unembed),
       config=config,
