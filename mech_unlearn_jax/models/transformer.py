@@ -14,6 +14,11 @@ Named axes (penzai's vocabulary, used everywhere in this library):
   "query_heads" (grouped-query attention).
   This library adds "selected" (positions whose logits are computed).
 
+Execution: the blocks sit in a `BlockStack`, which calls adjacent blocks of one
+structure under a single `jax.lax.scan` (local and global Gemma 3 layers included), so
+a jitted function traces one block rather than all of them; `with_block_scan(model,
+False)` runs them one by one.
+
 Padding convention: batches are LEFT-padded and carry a `token_positions` side input
 that is -1 at padding and 0, 1, ... on real tokens. Penzai's attention masks already
 hide keys with negative positions, so padded and unpadded prompts give identical
