@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -176,8 +176,14 @@ def _same_partial_for_equal_ones(layer: pz.nn.Elementwise) -> pz.nn.Elementwise:
   return dataclasses.replace(layer, fn=fn)
 
 
-def _scan_form(block: Any) -> tuple[Any, list[Any], tuple[Any, ...]] | None:
-  """(treedef, leaves, signature) of a block in a form blocks can share, or None.
+class _ScanForm(NamedTuple):
+  treedef: Any
+  leaves: list[Any]
+  key: tuple[Any, ...]  # equal for blocks that can share one scan
+
+
+def _scan_form(block: Any) -> _ScanForm | None:
+  """A block in a form that adjacent equal blocks can share, or None.
 
   The form computes exactly what `block` computes, but with everything that differs
   between layers as data: parameter labels dropped (frozen values only), RoPE
@@ -218,7 +224,7 @@ def _scan_form(block: Any) -> tuple[Any, list[Any], tuple[Any, ...]] | None:
     signature = tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
   except TypeError:
     return None
-  return treedef, leaves, (treedef, signature)
+  return _ScanForm(treedef, leaves, (treedef, signature))
 
 
 @pz.pytree_dataclass
@@ -262,8 +268,8 @@ class BlockStack(pz.nn.Layer):
       if len(run) == 1:
         x = run[0][0](x, **side_inputs)
         continue
-      treedef = run[0][1][0]
-      stacked = [jnp.stack(column) for column in zip(*(form[1] for _, form in run))]
+      treedef = run[0][1].treedef
+      stacked = [jnp.stack(column) for column in zip(*(form.leaves for _, form in run))]
 
       def body(carry, leaves, treedef=treedef):
         out = jax.tree.unflatten(treedef, leaves)(carry, **side_inputs)
@@ -272,18 +278,16 @@ class BlockStack(pz.nn.Layer):
       x, _ = jax.lax.scan(body, x, stacked, unroll=self.unroll)
     return x
 
-  def _runs(self) -> list[list[tuple[Any, Any]]]:
+  def _runs(self) -> list[list[tuple[Any, _ScanForm | None]]]:
     """Maximal runs of adjacent blocks with one scan form: [(block, form), ...]."""
-    runs: list[list[tuple[Any, Any]]] = []
-    previous = None
+    runs: list[list[tuple[Any, _ScanForm | None]]] = []
     for block in self.sublayers:
       form = _scan_form(block)
-      key = None if form is None else form[2]
-      if runs and key is not None and key == previous:
+      last = runs[-1][-1][1] if runs else None
+      if form is not None and last is not None and form.key == last.key:
         runs[-1].append((block, form))
       else:
         runs.append([(block, form)])
-      previous = key
     return runs
 
 
