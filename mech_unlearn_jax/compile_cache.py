@@ -49,8 +49,9 @@ def release_compiled_code(keep_traces: bool = True) -> None:
       their lowered modules and executables. A later call with the same shapes and
       structure (the next attack's training step on another model of the same
       architecture) then skips Python tracing, which was most of a study stage's
-      first minutes (docs/performance.md), lowers again and reads the executable
-      from the persistent cache. Traces hold no executables and no device buffers
+      first minutes (docs/performance.md), and reads the executable from the
+      persistent cache (for the 270M LoRA step a slow read on XLA:CPU, about twice
+      a cold compile; docs/performance.md). Traces hold no executables and no device buffers
       passed as arguments. False (or a JAX without these caches) clears every cache
       (`jax.clear_caches()`).
   """
