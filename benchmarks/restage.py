@@ -23,6 +23,8 @@ the first run), and the overhead over a steady step of 2 and 3.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import time
 
@@ -72,7 +74,10 @@ def main(argv):
   unknown = [a for a in _ROWS.value if a not in attacks_bench.ATTACKERS]
   if unknown:
     raise app.UsageError(f"--rows: unknown {unknown}; expected some of {attacks_bench.ATTACKERS}")
+  # A fresh persistent cache, removed at exit (left behind, its entries would skew a
+  # later run's timings).
   cache_dir = tempfile.mkdtemp(prefix="restage_cache_")
+  atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
   compile_cache.enable(cache_dir)
   model, tokenizer = loaders.load_model_and_tokenizer("default")
   pools = attacks_bench.sports_pools(tokenizer, model.config.vocab_size)
