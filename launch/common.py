@@ -7,6 +7,8 @@ are hidden unless `--verbosity` asks for them.
 """
 
 import logging as std_logging
+import os
+import signal
 import sys
 import traceback
 
@@ -14,6 +16,18 @@ from absl import flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host: run on every host).")
+flags.DEFINE_enum(
+    "keep_compiled", None, ["0", "1", "auto"],
+    "When stages drop their compiled executables: 0 at every stage end, 1 never, auto once"
+    " the process is crowded (default: $MECH_UNLEARN_JAX_KEEP_COMPILED, else 0).",
+)
+
+
+def _terminate(signum, frame):
+  del frame
+  # As Ctrl-C: open stages unwind (timing records, checkpoints' atomic writes), and the
+  # one-line message says how to resume.
+  raise KeyboardInterrupt(f"signal {signum}")
 
 
 def setup() -> None:
@@ -27,6 +41,10 @@ def setup() -> None:
   from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
   compile_cache.enable()
+  if FLAGS.keep_compiled is not None:
+    os.environ["MECH_UNLEARN_JAX_KEEP_COMPILED"] = FLAGS.keep_compiled
+  compile_cache.keep_policy()  # a bad value fails here, not after the first stage
+  signal.signal(signal.SIGTERM, _terminate)
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("devices: %s", jax.devices())

@@ -5,6 +5,13 @@ seconds on a CPU; with the cache a second run of the same shapes reads the compi
 executables from disk instead. The cache lives under the user's cache directory
 (`$MECH_UNLEARN_JAX_CACHE/mech_unlearn_jax/jax_compilation`, default `~/.cache`);
 set MECH_UNLEARN_JAX_COMPILATION_CACHE=0 to turn it off.
+
+In-memory executables are dropped at stage and cell boundaries (`release_at_boundary`)
+under a policy set by MECH_UNLEARN_JAX_KEEP_COMPILED: "0" (the default) at every
+boundary, "1" never, "auto" only once the process is crowded (its memory mappings past
+a quarter of vm.max_map_count, or its resident memory past half the machine's). For
+the 270M model's large steps a read from the persistent cache is slow on XLA:CPU
+(docs/performance.md), so a long study keeps what it compiled while it can.
 """
 
 from __future__ import annotations
@@ -62,6 +69,85 @@ def release_compiled_code(keep_traces: bool = True) -> None:
   if not keep_traces or not _drop_executables_only():
     jax.clear_caches()
   gc.collect()
+
+
+# MECH_UNLEARN_JAX_KEEP_COMPILED's values.
+KEEP_POLICIES = ("0", "1", "auto")
+# "auto" releases past these shares of the mapping limit and of physical memory.
+CROWDED_MAPPINGS_FRACTION = 0.25
+CROWDED_MEMORY_FRACTION = 0.5
+
+
+def keep_policy() -> str:
+  """MECH_UNLEARN_JAX_KEEP_COMPILED, checked: "0", "1" or "auto" (unset: "0")."""
+  value = os.environ.get("MECH_UNLEARN_JAX_KEEP_COMPILED", "0").strip().lower()
+  value = {"false": "0", "": "0", "true": "1"}.get(value, value)
+  if value not in KEEP_POLICIES:
+    raise ValueError(
+        f"MECH_UNLEARN_JAX_KEEP_COMPILED={value!r}: expected one of {KEEP_POLICIES}"
+        " (0: release compiled code at every stage boundary, 1: never, auto: when crowded)"
+    )
+  return value
+
+
+def _mapping_limit() -> int | None:
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      return int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _physical_memory_bytes() -> int | None:
+  """The machine's memory, or the container's limit where that is smaller."""
+  sizes = []
+  try:
+    sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+  except (ValueError, OSError, AttributeError):
+    pass
+  for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    try:
+      with open(path) as f:
+        sizes.append(int(f.read().strip()))  # "max" (no limit) fails the int()
+    except (OSError, ValueError):
+      pass
+  return min(sizes) if sizes else None
+
+
+def memory_mappings() -> int | None:
+  """This process's memory mappings (lines of /proc/self/maps); None off Linux."""
+  try:
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+def crowded() -> str:
+  """Why this process should drop its executables now ("" if it need not)."""
+  from mech_unlearn_jax import progress  # pylint: disable=g-import-not-at-top
+
+  maps, limit = memory_mappings(), _mapping_limit()
+  if maps is not None and limit and maps > CROWDED_MAPPINGS_FRACTION * limit:
+    return f"{maps} memory mappings of the {limit} allowed"
+  rss, total = progress.current_rss_bytes(), _physical_memory_bytes()
+  if total and rss > CROWDED_MEMORY_FRACTION * total:
+    return f"resident {rss / 2**30:.1f} GiB of {total / 2**30:.1f} GiB"
+  return ""
+
+
+def release_at_boundary() -> str:
+  """Drops in-memory executables at a stage or cell boundary, as the policy says.
+
+  Returns why it released ("" if it did not). Traces are kept either way.
+  """
+  policy = keep_policy()
+  reason = {"0": "policy 0", "1": ""}.get(policy)
+  if reason is None:
+    reason = crowded()
+  if reason:
+    release_compiled_code()
+  return reason
 
 
 def _drop_executables_only() -> bool:

@@ -50,6 +50,18 @@ def stage_line(name: str, seconds: float, detail: str = "") -> None:
     print(f"{text}  {detail}" if detail else text, file=sys.stderr, flush=True)
 
 
+def _status_bytes(field: str) -> int | None:
+  """A memory field of /proc/self/status ("VmHWM", "VmRSS") in bytes; None off Linux."""
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 def peak_rss_bytes() -> int:
   """This process's peak resident set size so far, in bytes.
 
@@ -58,15 +70,16 @@ def peak_rss_bytes() -> int:
   started by a big parent (a test runner, a study driver) would report the parent's peak.
   Elsewhere ru_maxrss (bytes on macOS).
   """
-  try:
-    with open("/proc/self/status") as status:
-      for line in status:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
+  peak = _status_bytes("VmHWM")
+  if peak is not None:
+    return peak
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return rss if sys.platform == "darwin" else rss * 1024
+
+
+def current_rss_bytes() -> int:
+  """This process's resident set size now, in bytes (0 where /proc is missing)."""
+  return _status_bytes("VmRSS") or 0
 
 
 def release_free_heap() -> None:
@@ -125,8 +138,9 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
   an XLA:CPU executable of the 270M model holds tens of MB, so a run's stages would
   otherwise pile up a GB of code they no longer call; a later stage of the same shapes
   keeps the traces, so it only lowers again and reads the executables back from the
-  persistent compilation cache. MECH_UNLEARN_JAX_KEEP_COMPILED=1
-  keeps them (a test suite of tiny models, whose many short stages would recompile).
+  persistent compilation cache. MECH_UNLEARN_JAX_KEEP_COMPILED=1 keeps them (a test
+  suite of tiny models, whose many short stages would recompile), "auto" keeps them
+  until the process is crowded (`compile_cache.release_at_boundary`).
   """
   info: dict[str, Any] = {"detail": ""}
   start, peak_before = time.time(), peak_rss_bytes()
@@ -157,8 +171,14 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
   if peak > peak_before:
     detail = f"{detail}  [peak RSS {peak / 2**30:.2f} GiB]".strip()
   stage_line(name, seconds, detail)
-  if release_compiled and not env_switch("MECH_UNLEARN_JAX_KEEP_COMPILED", False):
-    from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
-    compile_cache.release_compiled_code()
+  if release_compiled:
+    compile_cache.release_at_boundary()
   release_free_heap()
+  if opened:
+    # What the next stage starts from: resident memory and memory mappings after the
+    # release, so a timing record shows what kept executables cost.
+    after = {"rss_gib": round(current_rss_bytes() / 2**30, 3), "maps": compile_cache.memory_mappings()}
+    for _, entry in opened:
+      entry.update(after)

@@ -1203,10 +1203,11 @@ def run_cell(
     record_attempt(stage_seconds)
     raise
   finally:
-    # Cells compile for their own masks; without this a long study passes the
+    # Cells compile for their own masks; without a release a long study passes the
     # per-process memory-mapping limit and crashes. Traces stay: the next cell's
-    # attacks and scorers have the same structure.
-    compile_cache.release_compiled_code()
+    # attacks and scorers have the same structure (and under the "auto" policy their
+    # executables too, until the process is crowded).
+    compile_cache.release_at_boundary()
   record_attempt(stage_seconds)
   summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stages)
   io.write_json(recorded, summary)

@@ -77,11 +77,16 @@ def test_stages_run_alone_and_edit_touches_only_the_mask(tmp_path):
   assert loc.evidence["mask"]["name"] == "random_mlps"
 
 
-def test_robustness_tables_and_attack_on_a_finished_run(tmp_path):
+def test_robustness_tables_and_attack_on_a_finished_run(tmp_path, monkeypatch):
   """launch.attack's path: the suite on a finished run without redoing the edit."""
   import dataclasses
 
+  from mech_unlearn_jax.experiment import robustness
   from mech_unlearn_jax.experiment.robustness import RobustnessConfig
+
+  scored = []
+  score = robustness._eval_cells
+  monkeypatch.setattr(robustness, "_eval_cells", lambda m, *a: scored.append(m) or score(m, *a))
 
   off = dataclasses.replace(RobustnessConfig(), relearn=False, probes=False, soft_prompt=False, trivia=False)
   spec = dataclasses.replace(_spec(), robustness=off)
@@ -95,7 +100,10 @@ def test_robustness_tables_and_attack_on_a_finished_run(tmp_path):
   for model in ("unedited", "edited"):
     curve = attacked["robustness"][model]["relearn_lora"]["curve"]
     assert sorted(curve, key=int) == ["0", "1", "2"]
+    # Both attackers start from the same model: scored once at step 0, reported by both.
+    assert attacked["robustness"][model]["relearn_full"]["curve"]["0"] == curve["0"]
     assert (tmp_path / "robustness" / model / "probes.json").is_file()
+  assert len(scored) == 2 * (1 + 2 + 2)  # per model: step 0 once, steps 1 and 2 per attacker
   # The relearning attack trains toward the true answers: p(true) rises on the trained
   # (first) half of the unedited model's forget facts... and the curve is recorded per format.
   md = (tmp_path / "results.md").read_text()

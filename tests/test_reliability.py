@@ -534,6 +534,57 @@ def test_stage_with_release_compiled_drops_the_stages_executables(monkeypatch):
   assert double._cache_size() == 1
 
 
+def test_auto_keep_policy_releases_only_when_the_process_is_crowded(monkeypatch):
+  from mech_unlearn_jax import compile_cache, progress
+
+  monkeypatch.setenv("MECH_UNLEARN_JAX_KEEP_COMPILED", "auto")
+  double = jax.jit(lambda x: 2 * x)
+  with progress.timing_log() as log:
+    with progress.stage("roomy", release_compiled=True):
+      double(jnp.ones(3))
+  assert double._cache_size() == 1  # a test process is far from either limit
+  assert log[0]["maps"] == pytest.approx(compile_cache.memory_mappings(), rel=0.2)
+  assert 0 < log[0]["rss_gib"] <= progress.peak_rss_bytes() / 2**30
+  monkeypatch.setattr(compile_cache, "CROWDED_MAPPINGS_FRACTION", 0.0)
+  assert "memory mappings" in compile_cache.crowded()
+  with progress.stage("crowded", release_compiled=True):
+    pass
+  assert double._cache_size() == 0
+  monkeypatch.setattr(compile_cache, "CROWDED_MAPPINGS_FRACTION", 1.0)
+  monkeypatch.setattr(compile_cache, "CROWDED_MEMORY_FRACTION", 0.0)
+  assert "resident" in compile_cache.crowded()
+  monkeypatch.setenv("MECH_UNLEARN_JAX_KEEP_COMPILED", "sometimes")
+  with pytest.raises(ValueError, match="MECH_UNLEARN_JAX_KEEP_COMPILED='sometimes'.*auto"):
+    compile_cache.keep_policy()
+
+
+def test_sigterm_unwinds_a_launcher_like_ctrl_c(tmp_path):
+  # A killed study attempt must still run its `except BaseException` bookkeeping.
+  code = (
+      "import os, signal, sys\n"
+      "from absl import app\n"
+      "from launch import common\n"
+      "def main(argv):\n"
+      "  common.setup()\n"
+      "  def job():\n"
+      "    try:\n"
+      "      os.kill(os.getpid(), signal.SIGTERM)\n"
+      "      import time; time.sleep(30)\n"
+      "    except BaseException:\n"
+      f"      open({str(tmp_path / 'unwound')!r}, 'w').close()\n"
+      "      raise\n"
+      "  common.guarded(job)\n"
+      "app.run(main)\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+  )
+  assert out.returncode == 130, out.stderr
+  assert "interrupted; rerun the same command to resume" in out.stderr
+  assert (tmp_path / "unwound").exists()
+
+
 def test_timing_log_records_nested_stages_in_start_order():
   from mech_unlearn_jax import progress
 

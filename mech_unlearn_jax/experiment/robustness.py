@@ -15,6 +15,7 @@ the held-out half.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 import time
@@ -183,8 +184,16 @@ def run_robustness(
         retain=retain_train,
     )
 
+    unattacked: dict[str, Any] = {}
+
     def evaluate(m):
-      return {"cells": _eval_cells(m, tokenizer, task, all_formats, formats, halves.eval, halves.eval_targets, unlearn, batch_size)}
+      # Both attackers start from `model`: its step-0 scores are computed once.
+      if m is model and unattacked:
+        return copy.deepcopy(unattacked)
+      scores = {"cells": _eval_cells(m, tokenizer, task, all_formats, formats, halves.eval, halves.eval_targets, unlearn, batch_size)}
+      if m is model:
+        unattacked.update(copy.deepcopy(scores))
+      return scores
 
     for name, attacker in (("relearn_lora", config.relearn_lora), ("relearn_full", config.relearn_full)):
       with progress.stage(name, release_compiled=True):
