@@ -28,11 +28,18 @@ def reference_data_dir() -> pathlib.Path:
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
-  """Frees each test module's compiled executables when it ends (a whole suite in one
-  process would otherwise pass the per-process memory-mapping limit; see
-  `compile_cache.release_compiled_code`), and its traces: a module that monkeypatches
-  what a jitted function calls must not get another module's trace."""
+  """Frees compiled executables between test modules once the process is crowded.
+
+  A whole suite in one process would otherwise pass the per-process memory-mapping
+  limit (`compile_cache.release_compiled_code`). Until then each module reuses what
+  earlier ones traced and compiled for the same tiny models (most of a tiny run is
+  tracing and compiling). The tests' monkeypatches replace Python-level orchestration
+  only, never a function a jitted one calls; a test that does must call
+  `compile_cache.release_compiled_code(keep_traces=False)` itself, or it would run
+  another module's trace.
+  """
   yield
   from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
-  compile_cache.release_compiled_code(keep_traces=False)
+  if compile_cache.crowded():
+    compile_cache.release_compiled_code()
