@@ -19,7 +19,8 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.DEFINE_enum(
     "keep_compiled", None, ["0", "1", "auto"],
     "When stages drop their compiled executables: 0 at every stage end, 1 never, auto once"
-    " the process is crowded (default: $MECH_UNLEARN_JAX_KEEP_COMPILED, else 0).",
+    " the process is crowded. Unset: $MECH_UNLEARN_JAX_KEEP_COMPILED, else 0"
+    " (launch.study sets auto).",
 )
 
 

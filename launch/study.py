@@ -31,6 +31,10 @@ flags.DEFINE_list("only_seeds", [], "Run only these seeds.")
 flags.DEFINE_integer("max_cells", 0, "Stop after running this many cells (0: all).")
 flags.DEFINE_bool("keep_going", False, "Record a failing cell and continue with the next.")
 flags.DEFINE_bool("commit_results", False, "git-commit --results_dir after every finished cell.")
+# A study runs many cells of one model in one process: the attacks' and scorers'
+# executables are the same from cell to cell, and a persistent-cache read of the
+# largest (the LoRA step) costs more than compiling it (docs/performance.md).
+FLAGS.set_default("keep_compiled", "auto")
 flags.DEFINE_bool("report_only", False, "Only rebuild study.csv/md and the figures from the finished cells' summaries.")
 
 

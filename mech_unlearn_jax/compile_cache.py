@@ -9,7 +9,7 @@ set MECH_UNLEARN_JAX_COMPILATION_CACHE=0 to turn it off.
 In-memory executables are dropped at stage and cell boundaries (`release_at_boundary`)
 under a policy set by MECH_UNLEARN_JAX_KEEP_COMPILED: "0" (the default) at every
 boundary, "1" never, "auto" only once the process is crowded (its memory mappings past
-a quarter of vm.max_map_count, or its resident memory past half the machine's). For
+half of vm.max_map_count, or its resident memory past half the machine's). For
 the 270M model's large steps a read from the persistent cache is slow on XLA:CPU
 (docs/performance.md), so a long study keeps what it compiled while it can.
 """
@@ -73,8 +73,12 @@ def release_compiled_code(keep_traces: bool = True) -> None:
 
 # MECH_UNLEARN_JAX_KEEP_COMPILED's values.
 KEEP_POLICIES = ("0", "1", "auto")
-# "auto" releases past these shares of the mapping limit and of physical memory.
-CROWDED_MAPPINGS_FRACTION = 0.25
+# "auto" releases past these shares of the mapping limit and of physical memory. In a
+# study cell of the 270M model one stage added at most ~4,500 mappings (the edited
+# model's evaluation, the LoRA attack) and a whole cell's executables ~25,000
+# (docs/performance.md), so half the default limit keeps a cell's code for the next
+# cell and leaves room for several more stages before the kernel's limit.
+CROWDED_MAPPINGS_FRACTION = 0.5
 CROWDED_MEMORY_FRACTION = 0.5
 
 

@@ -544,7 +544,7 @@ def test_auto_keep_policy_releases_only_when_the_process_is_crowded(monkeypatch)
       double(jnp.ones(3))
   assert double._cache_size() == 1  # a test process is far from either limit
   assert log[0]["maps"] == pytest.approx(compile_cache.memory_mappings(), rel=0.2)
-  assert 0 < log[0]["rss_gib"] <= progress.peak_rss_bytes() / 2**30
+  assert 0 < log[0]["rss_gib"] <= progress.peak_rss_bytes() / 2**30 + 0.001  # rounded to MiB
   monkeypatch.setattr(compile_cache, "CROWDED_MAPPINGS_FRACTION", 0.0)
   assert "memory mappings" in compile_cache.crowded()
   with progress.stage("crowded", release_compiled=True):
