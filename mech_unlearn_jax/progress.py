@@ -173,12 +173,14 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
   stage_line(name, seconds, detail)
   from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
-  if release_compiled:
-    compile_cache.release_at_boundary()
+  released = compile_cache.release_at_boundary() if release_compiled else ""
   release_free_heap()
   if opened:
     # What the next stage starts from: resident memory and memory mappings after the
-    # release, so a timing record shows what kept executables cost.
-    after = {"rss_gib": round(current_rss_bytes() / 2**30, 3), "maps": compile_cache.memory_mappings()}
+    # release (and why it released), so a timing record shows what kept code costs.
+    after = {
+        "rss_gib": round(current_rss_bytes() / 2**30, 3), "maps": compile_cache.memory_mappings(),
+        "released": released,
+    }
     for _, entry in opened:
       entry.update(after)

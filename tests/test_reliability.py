@@ -545,11 +545,14 @@ def test_auto_keep_policy_releases_only_when_the_process_is_crowded(monkeypatch)
   assert double._cache_size() == 1  # a test process is far from either limit
   assert log[0]["maps"] == pytest.approx(compile_cache.memory_mappings(), rel=0.2)
   assert 0 < log[0]["rss_gib"] <= progress.peak_rss_bytes() / 2**30 + 0.001  # rounded to MiB
+  assert log[0]["released"] == ""
   monkeypatch.setattr(compile_cache, "CROWDED_MAPPINGS_FRACTION", 0.0)
   assert "memory mappings" in compile_cache.crowded()
-  with progress.stage("crowded", release_compiled=True):
-    pass
+  with progress.timing_log() as log:
+    with progress.stage("crowded", release_compiled=True):
+      pass
   assert double._cache_size() == 0
+  assert "memory mappings" in log[0]["released"]
   monkeypatch.setattr(compile_cache, "CROWDED_MAPPINGS_FRACTION", 1.0)
   monkeypatch.setattr(compile_cache, "CROWDED_MEMORY_FRACTION", 0.0)
   assert "resident" in compile_cache.crowded()
