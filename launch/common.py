@@ -18,16 +18,19 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host: run on every host).")
 flags.DEFINE_enum(
     "keep_compiled", None, ["0", "1", "auto"],
-    "When stages drop their compiled executables: 0 at every stage end, 1 never, auto once"
+    "When pipeline stages and study cells drop their compiled executables: 0 at each end,"
+    " 1 never (a long study can then pass the kernel's memory-mapping limit), auto once"
     " the process is crowded. Unset: $MECH_UNLEARN_JAX_KEEP_COMPILED, else 0"
-    " (launch.study sets auto).",
+    " (launch.study: auto unless that variable is set).",
 )
 
 
 def _terminate(signum, frame):
   del frame
   # As Ctrl-C: open stages unwind (timing records, checkpoints' atomic writes), and the
-  # one-line message says how to resume.
+  # one-line message says how to resume. Python runs this only between bytecodes, so
+  # during a long XLA compile it waits; a second SIGTERM then ends the process at once.
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
   raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -42,8 +45,12 @@ def setup() -> None:
   from mech_unlearn_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
   compile_cache.enable()
-  if FLAGS.keep_compiled is not None:
+  # The flag given wins; a launcher's own default (launch.study: auto) only where the
+  # environment says nothing.
+  if FLAGS["keep_compiled"].present:
     os.environ["MECH_UNLEARN_JAX_KEEP_COMPILED"] = FLAGS.keep_compiled
+  elif FLAGS.keep_compiled is not None:
+    os.environ.setdefault("MECH_UNLEARN_JAX_KEEP_COMPILED", FLAGS.keep_compiled)
   compile_cache.keep_policy()  # a bad value fails here, not after the first stage
   signal.signal(signal.SIGTERM, _terminate)
   if FLAGS.distributed:

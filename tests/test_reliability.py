@@ -538,11 +538,14 @@ def test_auto_keep_policy_releases_only_when_the_process_is_crowded(monkeypatch)
   from mech_unlearn_jax import compile_cache, progress
 
   monkeypatch.setenv("MECH_UNLEARN_JAX_KEEP_COMPILED", "auto")
+  # Roomy whatever earlier modules left in this process.
+  monkeypatch.setattr(compile_cache, "CROWDED_MAPPINGS_FRACTION", 10.0)
+  monkeypatch.setattr(compile_cache, "CROWDED_MEMORY_FRACTION", 10.0)
   double = jax.jit(lambda x: 2 * x)
   with progress.timing_log() as log:
     with progress.stage("roomy", release_compiled=True):
       double(jnp.ones(3))
-  assert double._cache_size() == 1  # a test process is far from either limit
+  assert double._cache_size() == 1
   assert log[0]["maps"] == pytest.approx(compile_cache.memory_mappings(), rel=0.2)
   assert 0 < log[0]["rss_gib"] <= progress.peak_rss_bytes() / 2**30 + 0.001  # rounded to MiB
   assert log[0]["released"] == ""
@@ -559,6 +562,34 @@ def test_auto_keep_policy_releases_only_when_the_process_is_crowded(monkeypatch)
   monkeypatch.setenv("MECH_UNLEARN_JAX_KEEP_COMPILED", "sometimes")
   with pytest.raises(ValueError, match="MECH_UNLEARN_JAX_KEEP_COMPILED='sometimes'.*auto"):
     compile_cache.keep_policy()
+
+
+def test_keep_compiled_flag_beats_the_environment_which_beats_a_launcher_default():
+  code = (
+      "import os\n"
+      "from absl import app, flags\n"
+      "from launch import common\n"
+      "flags.FLAGS.set_default('keep_compiled', 'auto')\n"  # as launch.study does
+      "def main(argv):\n"
+      "  common.setup()\n"
+      "  print('policy', os.environ['MECH_UNLEARN_JAX_KEEP_COMPILED'])\n"
+      "app.run(main)\n"
+  )
+  root = pathlib.Path(__file__).resolve().parents[1]
+
+  def policy(env_value, *args):
+    env = {k: v for k, v in os.environ.items() if k != "MECH_UNLEARN_JAX_KEEP_COMPILED"}
+    if env_value is not None:
+      env["MECH_UNLEARN_JAX_KEEP_COMPILED"] = env_value
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=root, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[-1]
+
+  assert policy(None) == "auto"
+  assert policy("0") == "0"
+  assert policy("0", "--keep_compiled=1") == "1"
 
 
 def test_sigterm_unwinds_a_launcher_like_ctrl_c(tmp_path):
