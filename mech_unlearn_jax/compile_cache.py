@@ -127,15 +127,23 @@ def memory_mappings() -> int | None:
     return None
 
 
-def crowded() -> str:
-  """Why this process should drop its executables now ("" if it need not)."""
+def crowded(mappings_fraction: float | None = None, memory_fraction: float | None = None) -> str:
+  """Why this process should drop its executables now ("" if it need not).
+
+  Past `mappings_fraction` of vm.max_map_count or `memory_fraction` of the machine's
+  memory (default: CROWDED_MAPPINGS_FRACTION, CROWDED_MEMORY_FRACTION).
+  """
   from mech_unlearn_jax import progress  # pylint: disable=g-import-not-at-top
 
+  if mappings_fraction is None:
+    mappings_fraction = CROWDED_MAPPINGS_FRACTION
+  if memory_fraction is None:
+    memory_fraction = CROWDED_MEMORY_FRACTION
   maps, limit = memory_mappings(), _mapping_limit()
-  if maps is not None and limit and maps > CROWDED_MAPPINGS_FRACTION * limit:
+  if maps is not None and limit and maps > mappings_fraction * limit:
     return f"{maps} memory mappings of the {limit} allowed"
   rss, total = progress.current_rss_bytes(), _physical_memory_bytes()
-  if total and rss > CROWDED_MEMORY_FRACTION * total:
+  if total and rss > memory_fraction * total:
     return f"resident {rss / 2**30:.1f} GiB of {total / 2**30:.1f} GiB"
   return ""
 
