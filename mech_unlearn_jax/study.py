@@ -64,6 +64,8 @@ from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.experiment import run as run_lib
 from mech_unlearn_jax.experiment import schema
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
+from mech_unlearn_jax.localize import baselines as baselines_lib
+from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.localize import select
 
 UNEDITED = "unedited"
@@ -504,16 +506,20 @@ class StudyData:
     return sum(bool(f) for f in flags), len(flags)
 
 
+def finished_cells(config: StudyConfig, out_dir: pathlib.Path):
+  """(cell, summary path, summary) of every finished cell under `out_dir/cells/`, in run order."""
+  for cell in config.cells():
+    path = out_dir / "cells" / cell.summary_name
+    if path.is_file():
+      yield cell, path, io.read_json(path, "study cell summary")
+
+
 def collect(config: StudyConfig, out_dir: pathlib.Path) -> StudyData:
   """Reads every finished cell's summary under `out_dir/cells/`."""
   values: dict[tuple[str, str, str], dict[int, float]] = {}
   validity: dict[str, dict[int, dict[str, Any]]] = {}
   summaries = []
-  for cell in config.cells():
-    path = out_dir / "cells" / cell.summary_name
-    if not path.is_file():
-      continue
-    summary = io.read_json(path, "study cell summary")
+  for cell, _, summary in finished_cells(config, out_dir):
     summaries.append(summary)
     for metric, v in summary["metrics"].items():
       values.setdefault((cell.setting, cell.method, metric), {})[cell.seed] = v
@@ -593,7 +599,7 @@ def table_columns(data: StudyData, setting: str) -> list[tuple[str, list[str]]]:
   t2 += [f"relearn_full_forget_step{full[-1]}"] if full else []
   t2 += ["probe_true_mean", "probe_edit_mean", "softprompt_prefix_forget", "softprompt_adapter_forget"]
   t3 = [f"maintain_{f}" for f in formats if f != "standard"]
-  t3 += ["trivia_accuracy", "mc_benchmark_accuracy", "retain_kl", "trained_parameters", "cell_seconds"]
+  t3 += ["trivia_accuracy", "mc_benchmark_accuracy", "retain_kl", "trained_parameters", MASK_JACCARD, "cell_seconds"]
   tables = [
     ("Table 1: edit and forget accuracy by prompt format", t1),
     ("Table 2: robustness (held-out forget facts after attacks; latent probes)", t2),
@@ -685,16 +691,26 @@ def setting_markdown(data: StudyData, setting: StudySetting) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-  """fact_lookup minus `other` on `metric`, paired by seed."""
+  """fact_lookup minus `other` on `metric`, paired by seed.
+
+  `same_mask_seeds`: the paired seeds in which `other` trained exactly the fact-lookup
+  mask. Where that is every paired seed, the two cells differ only in their families'
+  tuned edit hyperparameters, so the comparison says nothing about localization and
+  is left out of the verdict ("same mask").
+  """
 
   metric: str
   other: str
   interval: Interval
   lower_is_better: bool
+  seeds: tuple[int, ...] = ()
+  same_mask_seeds: tuple[int, ...] = ()
 
   @property
   def outcome(self) -> str:
     iv = self.interval
+    if self.seeds and set(self.same_mask_seeds) == set(self.seeds):
+      return "same mask"
     if iv.lo is None:
       return "untestable"
     better = iv.hi < 0 if self.lower_is_better else iv.lo > 0
@@ -704,29 +720,49 @@ class Comparison:
   def text(self) -> str:
     iv = self.interval
     bounds = "" if iv.lo is None else f" [{iv.lo:+.3f}, {iv.hi:+.3f}]"
-    return f"{self.metric} vs {self.other}: {iv.mean:+.3f}{bounds} ({self.outcome})"
+    outcome = self.outcome
+    if outcome == "same mask":
+      outcome = "same mask as fact_lookup in every seed: compares edit hyperparameters only"
+    elif self.same_mask_seeds:
+      outcome += f"; same mask as fact_lookup in seed(s) {', '.join(map(str, self.same_mask_seeds))}"
+    return f"{self.metric} vs {self.other}: {iv.mean:+.3f}{bounds} ({outcome})"
+
+
+def _paired_seeds(data: StudyData, setting: str, metric: str, a: str, b: str) -> list[int]:
+  va, vb = data.values.get((setting, a, metric), {}), data.values.get((setting, b, metric), {})
+  return sorted(set(va) & set(vb))
 
 
 def _paired(data: StudyData, setting: str, metric: str, a: str, b: str) -> Interval | None:
-  va, vb = data.values.get((setting, a, metric), {}), data.values.get((setting, b, metric), {})
-  common = sorted(set(va) & set(vb))
+  common = _paired_seeds(data, setting, metric, a, b)
   if not common:
     return None
+  va, vb = data.values[(setting, a, metric)], data.values[(setting, b, metric)]
   return t_interval([va[s] - vb[s] for s in common], data.config.confidence)
+
+
+def same_mask_seeds(data: StudyData, setting: str, method: str) -> list[int]:
+  """Seeds in which `method`'s cell trained exactly the fact-lookup mask (cells
+  without a mask record count as different)."""
+  return sorted(seed for seed, j in data.values.get((setting, method, MASK_JACCARD), {}).items() if j == 1.0)
 
 
 def _verdict(comparisons: Sequence[Comparison]) -> str:
   outcomes = [c.outcome for c in comparisons]
-  testable = [o for o in outcomes if o != "untestable"]
+  testable = [o for o in outcomes if o not in ("untestable", "same mask")]
   if not testable:
+    if "same mask" in outcomes:
+      return "cannot be tested: every comparator trained the fact-lookup mask itself"
     return "cannot be tested yet (needs at least 2 seeds of fact_lookup and a comparator)"
+  same = outcomes.count("same mask")
+  left_out = f"; {same} left out: same mask as fact_lookup in every seed" if same else ""
   if "worse" in testable:
-    return f"does not hold ({testable.count('worse')} of {len(testable)} comparisons significantly worse)"
+    return f"does not hold ({testable.count('worse')} of {len(testable)} comparisons significantly worse{left_out})"
   if all(o == "better" for o in testable):
-    return f"holds (all {len(testable)} comparisons significantly better)"
+    return f"holds (all {len(testable)} comparisons significantly better{left_out})"
   return (
     f"not resolved ({testable.count('better')} of {len(testable)} comparisons significantly better,"
-    " the rest within the interval)"
+    f" the rest within the interval{left_out})"
   )
 
 
@@ -737,7 +773,8 @@ def claims(data: StudyData) -> list[dict[str, Any]]:
   (ap, ct, ap_mlps, ct_mlps), difference paired by seed with a t-interval; a claim
   holds when every testable comparison is significantly in the claimed direction
   and fails when one is significantly in the other. Only formats the unedited model
-  answers above chance in every seed count. Whole-sport settings: every method's
+  answers above chance in every seed count, and only comparators whose mask differs
+  from fact lookup's in at least one paired seed (`Comparison`). Whole-sport settings: every method's
   LoRA relearning recovers at least half of what the edit removed on the held-out
   half (recovery = (p_last - p_0) / (p_unedited - p_0), a t-interval over seeds).
   """
@@ -795,7 +832,9 @@ def claims(data: StudyData) -> list[dict[str, Any]]:
         for other in others:
           iv = _paired(data, setting.name, metric, "fact_lookup", other)
           if iv is not None:
-            comps.append(Comparison(metric, other, iv, lower))
+            seeds = tuple(_paired_seeds(data, setting.name, metric, "fact_lookup", other))
+            same = tuple(s for s in seeds if s in same_mask_seeds(data, setting.name, other))
+            comps.append(Comparison(metric, other, iv, lower, seeds, same))
       if comps:
         verdict = _verdict(comps)
       elif skipped and not metrics:
@@ -1014,15 +1053,30 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
   out.append("## Claims of the paper\n")
   out.append(claims_markdown(claims(data)))
   out.append("## Cells\n")
-  out.append("| setting | method | seed | mask | trained parameters | FLU layers | cell seconds |")
-  out.append("|---|---|---|---|---|---|---|")
+  out.append(
+    f"`{MASK_JACCARD}`: the share of the weights trained by the cell or by its seed's fact-lookup mask that"
+    " both train (Jaccard index by weight count; 1 = the same mask).\n"
+  )
+  out.append("| setting | method | seed | mask | trained parameters | units trained | FLU layers | Jaccard with fact lookup | cell seconds |")
+  out.append("|---|---|---|---|---|---|---|---|---|")
   for s in data.summaries:
+    jaccard = s["metrics"].get(MASK_JACCARD)
     out.append(
       f"| {s['setting']} | {s['method']} | {s['seed']} | {s['mask_name']} | {s['trained_parameters']:,} |"
-      f" {s['flu_layers']} | {s['cell_seconds']:.0f} |"
+      f" {_units_text(s)} | {s['flu_layers']} | {'-' if jaccard is None else f'{jaccard:.3f}'} |"
+      f" {s['cell_seconds']:.0f} |"
     )
   out.append(stage_time_markdown(data.summaries))
   return "\n".join(out) + "\n"
+
+
+def _units_text(summary: Mapping[str, Any], max_listed: int = 6) -> str:
+  """A cell's trained units and the matrices outside whole units ("-": not recorded)."""
+  if "mask_units" not in summary:
+    return "-"
+  parts = list(summary["mask_units"]) + list(summary.get("mask_other_matrices", []))
+  text = ", ".join(parts[:max_listed])
+  return text + (f" (+{len(parts) - max_listed} more)" if len(parts) > max_listed else "")
 
 
 def stage_time_markdown(summaries: Sequence[Mapping[str, Any]], max_depth: int = 1) -> str:
@@ -1109,12 +1163,40 @@ class CellOutcome:
   error: str = ""
 
 
+MASK_JACCARD = "mask_jaccard_fact_lookup"
+
+
+def mask_record(mask: masks_lib.ParamMask, flu_layers: Sequence[int], model: Any) -> dict[str, Any]:
+  """What a cell trained, and how much of it is the fact-lookup mask of its seed.
+
+  {"units": whole units trained, "other_matrices": matrices trained outside them,
+  "jaccard": |M & F| / |M | F| by weight count, F the MLPs at `flu_layers`}. Two
+  methods whose masks are equal
+  (Jaccard 1) make the same edit up to their families' tuned hyperparameters, so a
+  difference between their cells says nothing about localization (`claims`).
+  """
+  flu = baselines_lib.flu_mlps(model, flu_layers).mask
+  coincidence = masks_lib.mask_coincidence({"cell": mask, "fact_lookup": flu}, model)
+  units = masks_lib.mask_units(mask, model)
+  in_units = {label for u in units for label in u.labels}
+  other = []
+  for label in masks_lib.trained_labels(mask):
+    if label not in in_units:
+      layer, matrix = masks_lib.parse_matrix_label(label)
+      kind = "attn" if matrix in masks_lib.ATTENTION_MATRICES else "mlp"
+      # A sub-tensor entry (heads, neurons) is marked as partial.
+      whole = not isinstance(mask[label], np.ndarray) or bool(mask[label].all())
+      other.append(f"{kind}{layer}.{matrix}" + ("" if whole else " (part)"))
+  return {"units": [str(u) for u in units], "other_matrices": other, "jaccard": coincidence["jaccard"][0][1]}
+
+
 def _summary(
   cell: Cell, spec: ExperimentSpec, results: Mapping[str, Any], seconds: float, attempts: Sequence[float],
-  stage_seconds: Sequence[Mapping[str, Any]],
+  stage_seconds: Sequence[Mapping[str, Any]], mask: Mapping[str, Any],
 ) -> dict[str, Any]:
   edited, unedited = cell_metrics(results)
   edited["cell_seconds"] = seconds
+  edited[MASK_JACCARD] = mask["jaccard"]
   loc = results["localization"]
   return {
     "setting": cell.setting,
@@ -1122,6 +1204,8 @@ def _summary(
     "seed": cell.seed,
     "mask_name": loc["mask_name"],
     "flu_layers": loc.get("flu_layers"),
+    "mask_units": mask["units"],
+    "mask_other_matrices": mask["other_matrices"],
     "trained_parameters": int(results["trained_parameters"]),
     "cell_seconds": seconds,
     "attempt_seconds": list(attempts),
@@ -1209,7 +1293,10 @@ def run_cell(
     # executables too, until the process is crowded).
     compile_cache.release_at_boundary()
   record_attempt(stage_seconds)
-  summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stages)
+  model = models.get(spec)[0]
+  mask, _ = masks_lib.load_mask(cell_dir / "localization" / "mask.npz", model)
+  record = mask_record(mask, results["localization"]["flu_layers"], model)
+  summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stages, record)
   io.write_json(recorded, summary)
   io.write_json(summary_path, summary)
   return CellOutcome(cell, "ran", seconds=summary["cell_seconds"])
@@ -1241,6 +1328,48 @@ def sync_shared(src: str | os.PathLike, dst: str | os.PathLike) -> int:
       io.write_bytes(target, path.read_bytes())
       copied += 1
   return copied
+
+
+def backfill_mask_records(
+  config: StudyConfig, workdir: pathlib.Path, out_dir: pathlib.Path, models: _Models
+) -> list[str]:
+  """Adds the mask record (`mask_record`) to finished cells summarized before it existed.
+
+  Each such cell's mask is rebuilt by its own localization stage from the shared
+  evidence (scores and fact-lookup pick are read back; seeded baselines redraw the
+  same matrices) in `workdir/mask_records/`; a rebuilt mask whose size or FLU layers
+  differ from what the cell recorded is reported and left out, never written.
+  Returns the labels of the cells it completed.
+  """
+  done = []
+  for cell, path, summary in finished_cells(config, out_dir):
+    if "mask_units" in summary:
+      continue
+    spec = config.cell_spec(cell)
+    _check_recorded_spec(path, summary, spec)
+    loaded = models.get(spec)
+    scratch = workdir / "mask_records" / cell.setting / cell.method / f"seed{cell.seed}"
+    with progress.stage(f"mask record {cell.label}", release_compiled=True):
+      loc = run_lib.localize_only(
+        spec, [cell.method], scratch, shared=shared_outputs(spec, cell.setting, workdir), loaded=loaded
+      )[cell.method]
+    if loc["trained_parameters"] != summary["trained_parameters"] or loc["flu_layers"] != summary["flu_layers"]:
+      progress.stage_line(
+        "mask record skipped", 0.0,
+        f"{cell.label}: the rebuilt mask trains {loc['trained_parameters']:,} weights (FLU layers"
+        f" {loc['flu_layers']}), the cell recorded {summary['trained_parameters']:,} ({summary['flu_layers']})",
+      )
+      continue
+    mask, _ = masks_lib.load_mask(scratch / "localization" / cell.method / "mask.npz", loaded[0])
+    record = mask_record(mask, loc["flu_layers"], loaded[0])
+    summary = dict(summary, mask_units=record["units"], mask_other_matrices=record["other_matrices"])
+    summary["metrics"] = dict(summary["metrics"], **{MASK_JACCARD: record["jaccard"]})
+    recorded = workdir / "cells" / cell.setting / cell.method / f"seed{cell.seed}" / "study_cell.json"
+    if recorded.is_file():
+      io.write_json(recorded, summary)
+    io.write_json(path, summary)
+    done.append(cell.label)
+  return done
 
 
 def run_study(
@@ -1282,6 +1411,8 @@ def run_study(
   with run_lib.workdir_lock(workdir):
     io.write_json(workdir / "study.json", config.to_json())
     sync_shared(out_dir / "shared", workdir / "shared")
+    if backfill_mask_records(config, workdir, out_dir, models):
+      write_outputs(config, out_dir)
     ran = 0
     for i, cell in enumerate(cells):
       if max_cells and ran >= max_cells:

@@ -185,6 +185,23 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
     "does not hold"
   )
 
+  # A comparator that trained the fact-lookup mask itself in one seed is still counted
+  # (and flagged); in every seed it compares only hyperparameters and is left out.
+  def set_ap_jaccard(seeds):
+    for seed in config.seeds:
+      path = tmp_path / "cells" / f"facts__ap__seed{seed}.json"
+      s = io.read_json(path)
+      s["metrics"][study.MASK_JACCARD] = 1.0 if seed in seeds else 0.25
+      io.write_json(path, s)
+    return {(c["setting"], c["claim"].split(" (")[0]): c for c in study.claims(study.collect(config, tmp_path))}
+
+  formats = set_ap_jaccard({0})[("facts", "fact-lookup edits generalize to other prompt formats")]
+  assert formats["verdict"].startswith("does not hold (1 of 1"), formats
+  assert any("forget_qa vs ap" in d and "same mask as fact_lookup in seed(s) 0" in d for d in formats["details"])
+  formats = set_ap_jaccard({0, 1, 2})[("facts", "fact-lookup edits generalize to other prompt formats")]
+  assert formats["verdict"].startswith("cannot be tested: every comparator trained the fact-lookup mask"), formats
+  assert any("compares edit hyperparameters only" in d for d in formats["details"])
+
 
 def _cell(fmt, answer, p, argmax=1.0, p_full=0.01, facts="forget_heldout"):
   return {
@@ -318,8 +335,32 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   assert len(shared) == 1
   assert not (first_dir / "evaluation" / "unedited.json").exists()
   assert len(list((tmp_path / "work" / "shared" / "knowledge").glob("*.json"))) == 1
+  # What each cell trained, against its seed's fact-lookup mask.
+  flu_units = [f"mlp{layer}" for layer in summary["flu_layers"]]
+  assert summary["mask_units"] == flu_units and summary["mask_other_matrices"] == []
+  assert summary["metrics"][study.MASK_JACCARD] == 1.0
+  rand = io.read_json(out / "cells" / "sports_random16__random_mlps__seed0.json")
+  assert len(rand["mask_units"]) == len(flu_units) and all(u.startswith("mlp") for u in rand["mask_units"])
+  shared_units = len(set(rand["mask_units"]) & set(flu_units))
+  assert rand["metrics"][study.MASK_JACCARD] == pytest.approx(shared_units / (2 * len(flu_units) - shared_units))
+  # Summaries written before the mask record existed get it from the cell's own
+  # localization stage (scores and picks read back), equal to what a new cell records.
+  recorded = {}
+  for method in ("fact_lookup", "random_mlps"):
+    for path in (
+      out / "cells" / f"sports_random16__{method}__seed0.json",
+      tmp_path / "work" / "cells" / "sports_random16" / method / "seed0" / "study_cell.json",
+    ):
+      s = io.read_json(path)
+      recorded[path] = (s.pop("mask_units"), s.pop("mask_other_matrices"), s["metrics"].pop(study.MASK_JACCARD))
+      io.write_json(path, s)
+  study.run_study(config, tmp_path / "work", out)
+  for path, (units, other, jaccard) in recorded.items():
+    s = io.read_json(path)
+    assert (s["mask_units"], s["mask_other_matrices"], s["metrics"][study.MASK_JACCARD]) == (units, other, jaccard)
   text = (out / "study.md").read_text()
   assert "## sports_random16" in text and "| random_mlps |" in text and "## Claims of the paper" in text
+  assert f"| {', '.join(flu_units)} | {summary['flu_layers']} | 1.000 |" in text  # the cells table
   assert "## Where a cell's time goes" in text and "latent probes |" in text
   assert (out / "figures" / "sports_random16_probes.png").is_file()
 

@@ -342,11 +342,19 @@ def robustness_for_run(
   return out
 
 
-def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.PathLike) -> dict[str, Any]:
+def localize_only(
+    spec: ExperimentSpec, methods: list[str], workdir: str | os.PathLike,
+    shared: SharedOutputs | None = None, loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
   """Knowledge, split and localization stages for several methods (shared FLU evidence).
+
+  `shared` (a study's knowledge filter and per-seed evidence, as in `run_experiment`)
+  and `loaded` (the model and tokenizer) let a study rebuild a finished cell's mask
+  without recomputing either. Masks go to `workdir/localization/<method>/mask.npz`.
 
   Returns {method: {"mask_name", "trained_parameters", "flu_layers", "units"}}.
   """
+  shared = shared or SharedOutputs()
   bad = [m for m in methods if m not in select.METHODS]
   if bad:
     raise ValueError(f"--methods: unknown method(s) {bad}; expected some of {select.METHODS}")
@@ -355,11 +363,14 @@ def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.Pa
     check_or_write_config(spec, workdir)
     task = get_task(spec.data.task)
     with progress.stage("load model", release_compiled=True):
-      model, tokenizer = loaders.load_model_and_tokenizer(spec.model, spec.seed)
+      model, tokenizer = loaded or loaders.load_model_and_tokenizer(spec.model, spec.seed)
     if spec.localize.layers:
       select.check_layers(spec.localize.layers, model.config.num_layers)
     with progress.stage("knowledge", release_compiled=True) as info:
-      knowledge = stages.knowledge_stage(model, tokenizer, task, spec.data, spec.eval.batch_size, workdir / "knowledge.json")
+      knowledge = stages.knowledge_stage(
+          model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or workdir / "knowledge.json",
+          compute_dtype=spec.compute_dtype,
+      )
       info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
     split = stages.split_stage(
         task, knowledge.pool, spec.data.split, spec.seed,
@@ -372,7 +383,7 @@ def localize_only(spec: ExperimentSpec, methods: list[str], workdir: str | os.Pa
         loc = stages.localization_stage(
             model, tokenizer, task, knowledge.pool, split, config, spec.seed,
             workdir / "localization" / method, context={"model": spec.model},
-            evidence_dir=workdir / "localization",
+            evidence_dir=shared.evidence_dir or workdir / "localization",
         )
         info["detail"] = f"{loc.trained_parameters:,} weights"
       summary[method] = {
