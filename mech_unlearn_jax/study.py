@@ -766,6 +766,39 @@ def _verdict(comparisons: Sequence[Comparison]) -> str:
   )
 
 
+def _claim_specs(data: StudyData, setting: str) -> list[tuple[str, list[tuple[str, bool]], list[str]]]:
+  """A fact-set setting's claims: (claim, [(metric, lower is better)], formats left out
+  because the unedited model answers them at chance)."""
+  formats = [f for f in _formats(data, setting) if f not in ("standard", "neighborhood")]
+  valid = [f for f in formats if (lambda kn: kn[1] > 0 and kn[0] == kn[1])(data.format_valid(setting, f))]
+  return [
+    (
+      "fact-lookup edits generalize to other prompt formats (lower forget p(true))",
+      [(f"forget_{f}", True) for f in valid],
+      [f for f in formats if f not in valid],
+    ),
+    (
+      "fact-lookup edits resist relearning (lower held-out forget p(true) after the attack)",
+      [
+        (f"relearn_{k}_forget_step{_relearn_steps(data, setting, k)[-1]}", True)
+        for k in ("lora", "full")
+        if _relearn_steps(data, setting, k)
+      ],
+      [],
+    ),
+    (
+      "fact-lookup edits remove latent knowledge (lower probe accuracy vs the true answer)",
+      [("probe_true_mean", True)],
+      [],
+    ),
+    (
+      "fact-lookup edits have fewer side effects (maintain, retain KL, trivia, neighbors)",
+      [("maintain_standard", False), ("retain_kl", True), ("trivia_accuracy", False), ("forget_neighborhood", False)],
+      [],
+    ),
+  ]
+
+
 def claims(data: StudyData) -> list[dict[str, Any]]:
   """The paper's claims per setting: {setting, claim, verdict, details}.
 
@@ -786,34 +819,7 @@ def claims(data: StudyData) -> list[dict[str, Any]]:
       out.append(_whole_set_claim(data, setting, present))
       continue
     others = [m for m in OUTPUT_TRACING if m in data.config.methods]
-    formats = [f for f in _formats(data, setting.name) if f not in ("standard", "neighborhood")]
-    valid = [f for f in formats if (lambda kn: kn[1] > 0 and kn[0] == kn[1])(data.format_valid(setting.name, f))]
-    specs = [
-      (
-        "fact-lookup edits generalize to other prompt formats (lower forget p(true))",
-        [(f"forget_{f}", True) for f in valid],
-        [f for f in formats if f not in valid],
-      ),
-      (
-        "fact-lookup edits resist relearning (lower held-out forget p(true) after the attack)",
-        [
-          (f"relearn_{k}_forget_step{_relearn_steps(data, setting.name, k)[-1]}", True)
-          for k in ("lora", "full")
-          if _relearn_steps(data, setting.name, k)
-        ],
-        [],
-      ),
-      (
-        "fact-lookup edits remove latent knowledge (lower probe accuracy vs the true answer)",
-        [("probe_true_mean", True)],
-        [],
-      ),
-      (
-        "fact-lookup edits have fewer side effects (maintain, retain KL, trivia, neighbors)",
-        [("maintain_standard", False), ("retain_kl", True), ("trivia_accuracy", False), ("forget_neighborhood", False)],
-        [],
-      ),
-    ]
+    specs = _claim_specs(data, setting.name)
     if not any(k[0] == setting.name for k in data.values):
       out.append(
         {
@@ -846,6 +852,73 @@ def claims(data: StudyData) -> list[dict[str, Any]]:
         details.append(f"not counted (unedited model at chance): {skipped}")
       out.append({"setting": setting.name, "claim": claim, "verdict": verdict, "details": details})
   return out
+
+
+def same_mask_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any] | None:
+  """Fact lookup against cells that trained exactly its mask: what the families' tuned
+  edit hyperparameters alone change.
+
+  In each seed, the cells of other methods whose mask equals that seed's fact-lookup
+  mask (`MASK_JACCARD` 1) differ from the fact-lookup cell only in their family's edit
+  hyperparameters (same data, same order, same trained weights). Their mean is paired
+  with the fact-lookup cell, and the differences get a t-interval over seeds, for the
+  metrics of the claims. Returns None for whole-sport settings or when no seed has
+  such a cell; else {"setting", "comparators" (seed -> methods), "hyperparameters"
+  (key -> [fact lookup's value, the comparators' values]), "rows" [(metric, Interval)]}.
+  """
+  if get_task(setting.task).whole_set_split(setting.split):
+    return None
+  specs = {(s["method"], s["seed"]): s["spec"] for s in data.summaries if s["setting"] == setting.name}
+  comparators = {
+    seed: [m for m in data.config.methods if m != "fact_lookup" and seed in same_mask_seeds(data, setting.name, m)]
+    for seed in sorted({seed for (m, seed) in specs if m == "fact_lookup"})
+  }
+  comparators = {seed: ms for seed, ms in comparators.items() if ms}
+  if not comparators:
+    return None
+  hyper: dict[str, list[Any]] = {}
+  for seed, methods in comparators.items():
+    mine = specs[("fact_lookup", seed)]["edit"]
+    for m in methods:
+      for key, value in specs[(m, seed)]["edit"].items():
+        if key != "seed" and mine.get(key) != value:
+          values = hyper.setdefault(key, [mine.get(key)])
+          if value not in values[1:]:
+            values.append(value)
+  present = set(data.metrics(setting.name))
+  rows = []
+  for _, metrics, _ in _claim_specs(data, setting.name):
+    for metric, _ in metrics:
+      mine = data.values.get((setting.name, "fact_lookup", metric), {})
+      diffs = [
+        mine[seed] - float(np.mean([data.values[(setting.name, m, metric)][seed] for m in methods]))
+        for seed, methods in comparators.items()
+        if seed in mine and all(seed in data.values.get((setting.name, m, metric), {}) for m in methods)
+      ]
+      if metric in present and diffs:
+        rows.append((metric, t_interval(diffs, data.config.confidence)))
+  return {"setting": setting.name, "comparators": comparators, "hyperparameters": hyper, "rows": rows}
+
+
+def same_mask_markdown(contrast: Mapping[str, Any]) -> str:
+  """`same_mask_contrasts` as a paragraph and a table."""
+  pairs = "; ".join(f"seed {seed}: {', '.join(ms)}" for seed, ms in contrast["comparators"].items())
+  hyper = ", ".join(
+    f"`{k}` {v[0]} (fact lookup) vs {' / '.join(map(str, v[1:]))}" for k, v in contrast["hyperparameters"].items()
+  ) or "none (identical edits)"
+  lines = [
+    f"### Same mask, other edit hyperparameters: {contrast['setting']}\n",
+    f"Cells that trained exactly the fact-lookup mask ({pairs}). They differ from fact lookup's cell"
+    f" of the same seed only in their family's tuned edit hyperparameters: {hyper}. Fact lookup minus"
+    " them, mean [t-interval over seeds]: a difference here is the hyperparameters' doing, not the"
+    " localization's.\n",
+    "| metric | fact lookup - same-mask cells | seeds |",
+    "|---|---|---|",
+  ]
+  for metric, iv in contrast["rows"]:
+    bounds = "" if iv.lo is None else f" [{iv.lo:+.3f}, {iv.hi:+.3f}]"
+    lines.append(f"| {metric} | {iv.mean:+.3f}{bounds} | {iv.n} |")
+  return "\n".join(lines) + "\n"
 
 
 def _whole_set_claim(data: StudyData, setting: StudySetting, present: set[str]) -> dict[str, Any]:
@@ -1052,6 +1125,10 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
       out.append(f"![{name}](figures/{name})\n")
   out.append("## Claims of the paper\n")
   out.append(claims_markdown(claims(data)))
+  for setting in cfg.settings:
+    contrast = same_mask_contrasts(data, setting)
+    if contrast is not None:
+      out.append(same_mask_markdown(contrast))
   out.append("## Cells\n")
   out.append(
     f"`{MASK_JACCARD}`: the share of the weights trained by the cell or by its seed's fact-lookup mask that"

@@ -114,7 +114,11 @@ def _summary(setting, method, seed, metrics, unedited, valid=("standard", "qa"))
     "format_validity": validity,
     "metrics": dict(metrics, cell_seconds=10.0),
     "unedited_metrics": unedited,
-    "spec": {"model": "fake", "eval": {"formats": ["standard", "qa", "mc"]}},
+    "spec": {
+      "model": "fake",
+      "eval": {"formats": ["standard", "qa", "mc"]},
+      "edit": {"lr": 1e-4, "forget_coef": 0.3 if method == "fact_lookup" else 1.0, "seed": seed},
+    },
   }
 
 
@@ -201,6 +205,20 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   formats = set_ap_jaccard({0, 1, 2})[("facts", "fact-lookup edits generalize to other prompt formats")]
   assert formats["verdict"].startswith("cannot be tested: every comparator trained the fact-lookup mask"), formats
   assert any("compares edit hyperparameters only" in d for d in formats["details"])
+  # The same-mask cells measure what the families' hyperparameters alone change.
+  data = study.collect(config, tmp_path)
+  facts = config.settings[0]
+  contrast = study.same_mask_contrasts(data, facts)
+  assert contrast["comparators"] == {0: ["ap"], 1: ["ap"], 2: ["ap"]}
+  assert contrast["hyperparameters"] == {"forget_coef": [0.3, 1.0]}
+  rows = dict(contrast["rows"])
+  fl, ap = data.values[("facts", "fact_lookup", "forget_qa")], data.values[("facts", "ap", "forget_qa")]
+  assert rows["forget_qa"].n == 3 and rows["forget_qa"].mean == pytest.approx(sum(fl[s] - ap[s] for s in fl) / 3)
+  assert study.same_mask_contrasts(data, config.settings[1]) is None  # whole-sport setting
+  text = study.study_markdown(data, {})
+  assert "### Same mask, other edit hyperparameters: facts" in text and "`forget_coef` 0.3 (fact lookup) vs 1.0" in text
+  set_ap_jaccard(set())
+  assert study.same_mask_contrasts(study.collect(config, tmp_path), facts) is None
 
 
 def _cell(fmt, answer, p, argmax=1.0, p_full=0.01, facts="forget_heldout"):
