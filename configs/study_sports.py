@@ -99,4 +99,8 @@ def get_config(arg=None):
   c.confidence = 0.95
   # Each cell's edit uses its method's family's tuned values (the base has fact lookup's).
   c.tuned_edit = ml_collections.ConfigDict(common.TUNED_EDIT)
+  # A cell whose mask and edit equal a finished cell's (same setting and seed) takes its
+  # results: a one-MLP budget often makes CT-MLPs, AP-MLPs and CT pick the same MLP.
+  # Set False where runs are not bit-reproducible (some accelerator kernels).
+  c.reuse_identical_edits = True
   return c

@@ -75,13 +75,15 @@ def main(argv):
       return
 
     def on_cell_done(outcome, data):
+      how = "reused a finished cell's identical edit" if outcome.status == "reused" else "finished"
       print(
-        f"study: {outcome.cell.label} finished in {outcome.seconds:.0f} s ({len(data.summaries)} cells done)",
+        f"study: {outcome.cell.label} {how} in {outcome.seconds:.0f} s ({len(data.summaries)} cells done)",
         file=sys.stderr,
         flush=True,
       )
       if FLAGS.commit_results:
-        commit_results(results_dir, f"Study results: {outcome.cell.label} ({outcome.seconds:.0f} s)")
+        twin = " (the same edit as a finished cell: its results)" if outcome.status == "reused" else ""
+        commit_results(results_dir, f"Study results: {outcome.cell.label} ({outcome.seconds:.0f} s){twin}")
 
     outcomes = study.run_study(
       config,
@@ -94,10 +96,10 @@ def main(argv):
       keep_going=FLAGS.keep_going,
       on_cell_done=on_cell_done,
     )
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "skipped", "failed")}
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "reused", "skipped", "failed")}
     print(
-      f"study: {counts['ran']} cells ran, {counts['skipped']} were finished before, {counts['failed']} failed;"
-      f" see {results_dir}/study.md"
+      f"study: {counts['ran']} cells ran, {counts['reused']} reused an identical finished edit,"
+      f" {counts['skipped']} were finished before, {counts['failed']} failed; see {results_dir}/study.md"
     )
     if counts["failed"]:
       sys.exit(1)

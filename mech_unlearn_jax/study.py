@@ -142,6 +142,10 @@ class StudyConfig:
     tuned_edit: tuning family (`select.METHOD_FAMILIES`) -> edit keys (lr,
       forget_coef, ...) tuned for that family (METHOD §3); a cell gets its method's
       family's keys over the base's, before the setting's overrides.
+    reuse_identical_edits: a cell whose mask and experiment (all but the method's
+      name) equal a finished cell's of the same setting and seed makes the same edit
+      and the same attacks; it takes that cell's results instead of recomputing them
+      (`find_twin`). Off where runs are not deterministic.
   """
 
   settings: tuple[StudySetting, ...]
@@ -150,6 +154,7 @@ class StudyConfig:
   base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   confidence: float = 0.95
   tuned_edit: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  reuse_identical_edits: bool = True
 
   def __post_init__(self):
     if not self.settings:
@@ -176,12 +181,13 @@ class StudyConfig:
 
     Expected keys: `base` (an experiment config), `settings` ({name: {task, split,
     overrides}}), `setting_order` (names; default: the settings' key order),
-    `methods`, `seeds`, optionally `confidence` and `tuned_edit`.
+    `methods`, `seeds`, optionally `confidence`, `tuned_edit` and `reuse_identical_edits`.
     """
     if hasattr(values, "to_dict"):
       values = values.to_dict()
     unknown = sorted(
-      set(values) - {"base", "settings", "setting_order", "methods", "seeds", "confidence", "tuned_edit"}
+      set(values)
+      - {"base", "settings", "setting_order", "methods", "seeds", "confidence", "tuned_edit", "reuse_identical_edits"}
     )
     if unknown:
       raise schema.ConfigError(f"unknown study config key(s) {['config.' + k for k in unknown]}")
@@ -214,6 +220,7 @@ class StudyConfig:
         base=dict(values.get("base") or {}),
         confidence=float(values.get("confidence", 0.95)),
         tuned_edit={k: dict(v) for k, v in (values.get("tuned_edit") or {}).items()},
+        reuse_identical_edits=bool(values.get("reuse_identical_edits", True)),
       )
     except ValueError as e:
       raise schema.ConfigError(f"config: {e}") from None
@@ -1138,8 +1145,9 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
   out.append("|---|---|---|---|---|---|---|---|---|")
   for s in data.summaries:
     jaccard = s["metrics"].get(MASK_JACCARD)
+    mask = s["mask_name"] + (f" (results of {s['reused_from']}: the same edit)" if "reused_from" in s else "")
     out.append(
-      f"| {s['setting']} | {s['method']} | {s['seed']} | {s['mask_name']} | {s['trained_parameters']:,} |"
+      f"| {s['setting']} | {s['method']} | {s['seed']} | {mask} | {s['trained_parameters']:,} |"
       f" {_units_text(s)} | {s['flu_layers']} | {'-' if jaccard is None else f'{jaccard:.3f}'} |"
       f" {s['cell_seconds']:.0f} |"
     )
@@ -1231,8 +1239,8 @@ def write_outputs(config: StudyConfig, out_dir: pathlib.Path) -> StudyData:
 
 @dataclasses.dataclass(frozen=True)
 class CellOutcome:
-  """What happened to a cell in this invocation: "ran", "skipped" (finished before)
-  or "failed"."""
+  """What happened to a cell in this invocation: "ran", "reused" (a finished cell made
+  the same edit: `find_twin`), "skipped" (finished before) or "failed"."""
 
   cell: Cell
   status: str
@@ -1347,6 +1355,21 @@ def run_cell(
     return CellOutcome(cell, "skipped")
   timing = io.read_json(timing_path, "cell timing") if timing_path.is_file() else {}
   attempts, stages = list(timing.get("attempts", [])), list(timing.get("stages", []))
+  if config.reuse_identical_edits and not timing:  # a cell with attempts of its own finishes them
+    started = time.time()
+    loc, record = cell_mask(cell, spec, workdir, models)
+    twin = find_twin(config, cell, spec, loc["flu_layers"], record, out_dir)
+    if twin is not None:
+      seconds = time.time() - started
+      summary = dict(
+        twin, method=cell.method, mask_name=loc["mask_name"], reused_from=twin["method"], cell_seconds=seconds,
+        attempt_seconds=[seconds], stage_seconds=[], spec=json.loads(json.dumps(spec.to_json())),
+        metrics=dict(twin["metrics"], cell_seconds=seconds),
+      )
+      io.write_json(recorded, summary)
+      io.write_json(summary_path, summary)
+      progress.stage_line("cell reused", seconds, f"{cell.label}: the same edit as {twin['method']} (same mask and config)")
+      return CellOutcome(cell, "reused", seconds=seconds)
 
   def record_attempt(stage_seconds) -> None:
     # A failed or interrupted attempt counts toward the cell's cost too.
@@ -1407,6 +1430,53 @@ def sync_shared(src: str | os.PathLike, dst: str | os.PathLike) -> int:
   return copied
 
 
+def cell_mask(cell: Cell, spec: ExperimentSpec, workdir: pathlib.Path, models: _Models) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(localization summary, `mask_record`) of a cell, from its own localization stage run
+  in `workdir/mask_records/` on the shared evidence (seconds: scores and the fact-lookup
+  pick are read back, seeded baselines redraw the same matrices)."""
+  loaded = models.get(spec)
+  scratch = workdir / "mask_records" / cell.setting / cell.method / f"seed{cell.seed}"
+  with progress.stage(f"mask of {cell.label}", release_compiled=True):
+    loc = run_lib.localize_only(
+      spec, [cell.method], scratch, shared=shared_outputs(spec, cell.setting, workdir), loaded=loaded
+    )[cell.method]
+  mask, _ = masks_lib.load_mask(scratch / "localization" / cell.method / "mask.npz", loaded[0])
+  return loc, mask_record(mask, loc["flu_layers"], loaded[0])
+
+
+def _experiment_but_method(spec_json: Mapping[str, Any]) -> dict[str, Any]:
+  return dict(spec_json, localize=dict(spec_json["localize"], method=None))
+
+
+def find_twin(
+  config: StudyConfig, cell: Cell, spec: ExperimentSpec, flu_layers: Any, record: Mapping[str, Any],
+  out_dir: pathlib.Path,
+) -> dict[str, Any] | None:
+  """A finished cell that made exactly `cell`'s edit, or None.
+
+  Its twin has the same setting and seed, the same experiment but for the method's
+  name (so the same edit hyperparameters: the same tuning family), the same FLU
+  layers and the same whole matrices trained. Everything after localization (edit
+  data and order, attacks, probes) depends on these alone, so its results are this
+  cell's. A cell that itself reused another is never a twin (its original is), nor
+  is a mask with sub-tensor entries.
+  """
+  if any(m.endswith("(part)") for m in record["other_matrices"]):
+    return None
+  mine = _experiment_but_method(json.loads(json.dumps(spec.to_json())))
+  for other, _, summary in finished_cells(config, out_dir):
+    if (other.setting, other.seed) != (cell.setting, cell.seed) or other.method == cell.method:
+      continue
+    if "reused_from" in summary or "mask_units" not in summary:
+      continue
+    same_mask = (summary["mask_units"], summary["mask_other_matrices"], summary["flu_layers"]) == (
+      record["units"], record["other_matrices"], flu_layers
+    )
+    if same_mask and _experiment_but_method(summary["spec"]) == mine:
+      return summary
+  return None
+
+
 def backfill_mask_records(
   config: StudyConfig, workdir: pathlib.Path, out_dir: pathlib.Path, models: _Models
 ) -> list[str]:
@@ -1424,12 +1494,7 @@ def backfill_mask_records(
       continue
     spec = config.cell_spec(cell)
     _check_recorded_spec(path, summary, spec)
-    loaded = models.get(spec)
-    scratch = workdir / "mask_records" / cell.setting / cell.method / f"seed{cell.seed}"
-    with progress.stage(f"mask record {cell.label}", release_compiled=True):
-      loc = run_lib.localize_only(
-        spec, [cell.method], scratch, shared=shared_outputs(spec, cell.setting, workdir), loaded=loaded
-      )[cell.method]
+    loc, record = cell_mask(cell, spec, workdir, models)
     if loc["trained_parameters"] != summary["trained_parameters"] or loc["flu_layers"] != summary["flu_layers"]:
       progress.stage_line(
         "mask record skipped", 0.0,
@@ -1437,8 +1502,6 @@ def backfill_mask_records(
         f" {loc['flu_layers']}), the cell recorded {summary['trained_parameters']:,} ({summary['flu_layers']})",
       )
       continue
-    mask, _ = masks_lib.load_mask(scratch / "localization" / cell.method / "mask.npz", loaded[0])
-    record = mask_record(mask, loc["flu_layers"], loaded[0])
     summary = dict(summary, mask_units=record["units"], mask_other_matrices=record["other_matrices"])
     summary["metrics"] = dict(summary["metrics"], **{MASK_JACCARD: record["jaccard"]})
     recorded = workdir / "cells" / cell.setting / cell.method / f"seed{cell.seed}" / "study_cell.json"
@@ -1508,8 +1571,8 @@ def run_study(
       outcomes.append(outcome)
       if outcome.status != "skipped":
         sync_shared(workdir / "shared", out_dir / "shared")
-      if outcome.status == "ran":
-        ran += 1
+      if outcome.status in ("ran", "reused"):
+        ran += outcome.status == "ran"
         failures.pop(cell.label, None)
         if failures_path.is_file():
           io.write_json(failures_path, failures)

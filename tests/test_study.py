@@ -417,3 +417,37 @@ def test_intervals_are_cut_to_the_metrics_range():
   assert study._fmt_interval(wide, "forget_qa") == "0.950 [0.000, 1.000]"
   assert study._fmt_interval(wide, "retain_kl") == "0.9500 [0.0000, 2.3000]"  # KL has no upper bound
   assert study._fmt_interval(study.Interval(1, 0.5, None, None, None), "forget_qa") == "0.500 (n=1)"
+
+
+def test_a_cell_with_a_finished_twin_takes_its_results_which_equal_a_real_run(tmp_path):
+  # On the tiny model, seed 2's AP-MLPs and CT-MLPs masks are the same MLP and both
+  # methods are in the output-tracing tuning family: the same edit.
+  config = dataclasses.replace(_tiny_config(), methods=("ap_mlps", "ct_mlps"), seeds=(2,))
+  out = tmp_path / "results"
+  outcomes = study.run_study(config, tmp_path / "work", out)
+  assert [(o.cell.method, o.status) for o in outcomes] == [("ap_mlps", "ran"), ("ct_mlps", "reused")]
+  twin = io.read_json(out / "cells" / "sports_random16__ap_mlps__seed2.json")
+  reused = io.read_json(out / "cells" / "sports_random16__ct_mlps__seed2.json")
+  assert reused["reused_from"] == "ap_mlps" and reused["mask_units"] == twin["mask_units"]
+  assert reused["spec"]["localize"]["method"] == "ct_mlps" and reused["mask_name"] == "ct_mlps"
+  assert "ct_mlps (results of ap_mlps: the same edit)" in (out / "study.md").read_text()
+  # Run for real in a fresh study, CT-MLPs gives the numbers it took.
+  alone = dataclasses.replace(config, methods=("ct_mlps",), reuse_identical_edits=False)
+  assert [o.status for o in study.run_study(alone, tmp_path / "alone", tmp_path / "alone_results")] == ["ran"]
+  real = io.read_json(tmp_path / "alone_results" / "cells" / "sports_random16__ct_mlps__seed2.json")
+  assert real["mask_units"] == reused["mask_units"]
+  differ = {
+    k: (v, real["metrics"][k])
+    for k, v in reused["metrics"].items()
+    if k != "cell_seconds" and v != pytest.approx(real["metrics"][k], rel=1e-5, abs=1e-6)
+  }
+  assert not differ, differ
+  assert set(real["metrics"]) == set(reused["metrics"])
+  # A different edit config (another tuning family's values) is no twin.
+  other = dataclasses.replace(config, tuned_edit={"output_tracing": {"forget_coef": 2.0}})
+  spec = other.cell_spec(study.Cell("sports_random16", "ct_mlps", 2))
+  record = {"units": twin["mask_units"], "other_matrices": twin["mask_other_matrices"]}
+  assert study.find_twin(other, study.Cell("sports_random16", "ct_mlps", 2), spec, twin["flu_layers"], record, out) is None
+  same = config.cell_spec(study.Cell("sports_random16", "ct_mlps", 2))
+  found = study.find_twin(config, study.Cell("sports_random16", "ct_mlps", 2), same, twin["flu_layers"], record, out)
+  assert found is not None and found["method"] == "ap_mlps"
