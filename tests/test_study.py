@@ -219,6 +219,33 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   assert "### Same mask, other edit hyperparameters: facts" in text and "`forget_coef` 0.3 (fact lookup) vs 1.0" in text
   set_ap_jaccard(set())
   assert study.same_mask_contrasts(study.collect(config, tmp_path), facts) is None
+  # At matched hyperparameters fact lookup's side is its mask trained with the
+  # comparator's edit config: here the "random" cells (ap's family values, fact
+  # lookup's mask in every seed).
+  for seed in config.seeds:
+    path = tmp_path / "cells" / f"facts__random__seed{seed}.json"
+    s = io.read_json(path)
+    s["metrics"][study.MASK_JACCARD] = 1.0
+    io.write_json(path, s)
+  data = study.collect(config, tmp_path)
+  random_qa = data.values[("facts", "random", "forget_qa")]
+  assert study.fact_lookup_values(data, "facts", "forget_qa", "ap", matched=True) == random_qa
+  assert study.fact_lookup_values(data, "facts", "forget_qa", "ap") == data.values[("facts", "fact_lookup", "forget_qa")]
+  matched = {c["claim"].split(" (")[0]: c for c in study.claims(data, matched=True) if c["setting"] == "facts"}
+  formats = matched["fact-lookup edits generalize to other prompt formats"]
+  assert formats["protocol"] == "matched edit hyperparameters"
+  ap_qa = data.values[("facts", "ap", "forget_qa")]
+  diff = sum(random_qa[s] - ap_qa[s] for s in config.seeds) / 3
+  assert any(d.startswith(f"forget_qa vs ap: {diff:+.3f}") for d in formats["details"]), formats["details"]
+  assert not any(c["setting"] == "whole" for c in study.claims(data, matched=True))
+  # Without a same-mask cell at ap's config there is nothing to pair.
+  set_ap_jaccard(set())
+  for seed in config.seeds:
+    path = tmp_path / "cells" / f"facts__random__seed{seed}.json"
+    s = io.read_json(path)
+    s["metrics"][study.MASK_JACCARD] = 0.5
+    io.write_json(path, s)
+  assert study.fact_lookup_values(study.collect(config, tmp_path), "facts", "forget_qa", "ap", matched=True) == {}
 
 
 def _cell(fmt, answer, p, argmax=1.0, p_full=0.01, facts="forget_heldout"):
