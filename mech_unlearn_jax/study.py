@@ -1392,7 +1392,7 @@ def run_cell(
     return CellOutcome(cell, "skipped")
   timing = io.read_json(timing_path, "cell timing") if timing_path.is_file() else {}
   attempts, stages = list(timing.get("attempts", [])), list(timing.get("stages", []))
-  if config.reuse_identical_edits and not timing:  # a cell with attempts of its own finishes them
+  if config.reuse_identical_edits:  # an interrupted attempt of its own does not change the edit
     started = time.time()
     loc, record = cell_mask(cell, spec, workdir, models)
     twin = find_twin(config, cell, spec, loc["flu_layers"], record, out_dir)
