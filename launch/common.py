@@ -74,7 +74,10 @@ def _exit_now(code: int) -> None:
   the interpreter and JAX's backends down under them crashed the process (exit 139
   instead of 130) in about one interrupt in three. Everything a resume needs is on disk
   by now (stages write atomically and unwound above), so only the logs and stdio are
-  flushed first.
+  flushed first. Skipped with the teardown: joining non-daemon threads (none is left
+  once the stages have unwound: the trainer closes its checkpoint manager) and JAX's
+  exit hooks (with --distributed, the other processes see this one leave as a crash,
+  which an interrupted multi-host run is anyway).
   """
   std_logging.shutdown()
   sys.stdout.flush()

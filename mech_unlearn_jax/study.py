@@ -13,6 +13,8 @@ results into the paper's tables and figures with intervals over seeds:
     shared/<setting>-<hash>/seed<k>/unedited   the unedited model's evaluation and
                                              robustness control
     cells/<setting>/<method>/seed<k>/        the cell's run (stages, checkpoints)
+    mask_records/<setting>/<method>/seed<k>/ the cell's localization alone (its mask
+                                             record and twin check, `find_twin`)
     results/                                 (or `out_dir`) what a reader wants:
       study.csv        long format: setting, method, seed, metric, value
       study.md         per setting: the paper's three tables (mean and t-interval
@@ -26,6 +28,10 @@ results into the paper's tables and figures with intervals over seeds:
 The hashes name the settings' experiment configs, so a changed config never reads
 another config's shared outputs. The sampled retain text is cached by the library
 per (model, seed) outside the workdir, so it too is computed once per seed.
+
+Twins: a cell whose mask and experiment (all but the method's name) equal a finished
+cell's of the same setting and seed takes that cell's results (`find_twin`;
+`StudyConfig.reuse_identical_edits`), its summary naming it in `reused_from`.
 
 Resuming: a cell whose summary exists is never rerun (its recorded config must equal
 the current one, or the study stops naming the keys that differ); a killed cell
@@ -727,6 +733,7 @@ class Comparison:
   def text(self) -> str:
     iv = self.interval
     bounds = "" if iv.lo is None else f" [{iv.lo:+.3f}, {iv.hi:+.3f}]"
+    bounds += f", seeds {', '.join(map(str, self.seeds))}" if self.seeds else ""
     outcome = self.outcome
     if outcome == "same mask":
       outcome = "same mask as fact_lookup in every seed: compares edit hyperparameters only"
@@ -779,9 +786,9 @@ def _verdict(comparisons: Sequence[Comparison]) -> str:
   outcomes = [c.outcome for c in comparisons]
   testable = [o for o in outcomes if o not in ("untestable", "same mask")]
   if not testable:
-    if "same mask" in outcomes:
+    if outcomes and all(o == "same mask" for o in outcomes):
       return "cannot be tested: every comparator trained the fact-lookup mask itself"
-    return "cannot be tested yet (needs at least 2 seeds of fact_lookup and a comparator)"
+    return "cannot be tested yet (needs at least 2 paired seeds of fact_lookup and a comparator with another mask)"
   same = outcomes.count("same mask")
   left_out = f"; {same} left out: same mask as fact_lookup in every seed" if same else ""
   if "worse" in testable:
@@ -896,8 +903,8 @@ def same_mask_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any
   edit hyperparameters alone change.
 
   In each seed, the cells of other methods whose mask equals that seed's fact-lookup
-  mask (`MASK_JACCARD` 1) differ from the fact-lookup cell only in their family's edit
-  hyperparameters (same data, same order, same trained weights). Their mean is paired
+  mask (`MASK_JACCARD` 1) and whose edit config differs from fact lookup's differ from
+  the fact-lookup cell only in their family's edit hyperparameters (same data, same order, same trained weights). Their mean is paired
   with the fact-lookup cell, and the differences get a t-interval over seeds, for the
   metrics of the claims. Returns None for whole-sport settings or when no seed has
   such a cell; else {"setting", "comparators" (seed -> methods), "hyperparameters"
@@ -906,8 +913,18 @@ def same_mask_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any
   if get_task(setting.task).whole_set_split(setting.split):
     return None
   specs = {(s["method"], s["seed"]): s["spec"] for s in data.summaries if s["setting"] == setting.name}
+  def other_edit(m: str, seed: int) -> bool:
+    # A same-mask cell with fact lookup's own edit config (its tuning family, or a
+    # copy) is fact lookup's cell again: a difference of exactly 0 that says nothing.
+    edit = lambda method: {k: v for k, v in specs[(method, seed)]["edit"].items() if k != "seed"}
+    return edit(m) != edit("fact_lookup")
+
   comparators = {
-    seed: [m for m in data.config.methods if m != "fact_lookup" and seed in same_mask_seeds(data, setting.name, m)]
+    seed: [
+      m
+      for m in data.config.methods
+      if m != "fact_lookup" and seed in same_mask_seeds(data, setting.name, m) and other_edit(m, seed)
+    ]
     for seed in sorted({seed for (m, seed) in specs if m == "fact_lookup"})
   }
   comparators = {seed: ms for seed, ms in comparators.items() if ms}
@@ -1288,14 +1305,17 @@ class CellOutcome:
 MASK_JACCARD = "mask_jaccard_fact_lookup"
 
 
-def mask_record(mask: masks_lib.ParamMask, flu_layers: Sequence[int], model: Any) -> dict[str, Any]:
+def mask_record(
+  mask: masks_lib.ParamMask, flu_layers: Sequence[int], model: Any, source: str = "cell"
+) -> dict[str, Any]:
   """What a cell trained, and how much of it is the fact-lookup mask of its seed.
 
   {"units": whole units trained, "other_matrices": matrices trained outside them,
-  "jaccard": |M & F| / |M | F| by weight count, F the MLPs at `flu_layers`}. Two
-  methods whose masks are equal
-  (Jaccard 1) make the same edit up to their families' tuned hyperparameters, so a
-  difference between their cells says nothing about localization (`claims`).
+  "jaccard": |M & F| / |M | F| by weight count with F the MLPs at `flu_layers`,
+  "source": "cell" (the mask file of the cell's own run) or "rebuilt" (its localization
+  stage rerun on the kept evidence, `backfill_mask_records`)}. Two methods whose masks
+  are equal (Jaccard 1) make the same edit up to their families' tuned hyperparameters,
+  so a difference between their cells says nothing about localization (`claims`).
   """
   flu = baselines_lib.flu_mlps(model, flu_layers).mask
   coincidence = masks_lib.mask_coincidence({"cell": mask, "fact_lookup": flu}, model)
@@ -1309,7 +1329,9 @@ def mask_record(mask: masks_lib.ParamMask, flu_layers: Sequence[int], model: Any
       # A sub-tensor entry (heads, neurons) is marked as partial.
       whole = not isinstance(mask[label], np.ndarray) or bool(mask[label].all())
       other.append(f"{kind}{layer}.{matrix}" + ("" if whole else " (part)"))
-  return {"units": [str(u) for u in units], "other_matrices": other, "jaccard": coincidence["jaccard"][0][1]}
+  return {
+    "units": [str(u) for u in units], "other_matrices": other, "jaccard": coincidence["jaccard"][0][1], "source": source,
+  }
 
 
 def _summary(
@@ -1328,6 +1350,7 @@ def _summary(
     "flu_layers": loc.get("flu_layers"),
     "mask_units": mask["units"],
     "mask_other_matrices": mask["other_matrices"],
+    "mask_record_source": mask["source"],
     "trained_parameters": int(results["trained_parameters"]),
     "cell_seconds": seconds,
     "attempt_seconds": list(attempts),
@@ -1392,21 +1415,6 @@ def run_cell(
     return CellOutcome(cell, "skipped")
   timing = io.read_json(timing_path, "cell timing") if timing_path.is_file() else {}
   attempts, stages = list(timing.get("attempts", [])), list(timing.get("stages", []))
-  if config.reuse_identical_edits:  # an interrupted attempt of its own does not change the edit
-    started = time.time()
-    loc, record = cell_mask(cell, spec, workdir, models)
-    twin = find_twin(config, cell, spec, loc["flu_layers"], record, out_dir)
-    if twin is not None:
-      seconds = time.time() - started
-      summary = dict(
-        twin, method=cell.method, mask_name=loc["mask_name"], reused_from=twin["method"], cell_seconds=seconds,
-        attempt_seconds=[seconds], stage_seconds=[], spec=json.loads(json.dumps(spec.to_json())),
-        metrics=dict(twin["metrics"], cell_seconds=seconds),
-      )
-      io.write_json(recorded, summary)
-      io.write_json(summary_path, summary)
-      progress.stage_line("cell reused", seconds, f"{cell.label}: the same edit as {twin['method']} (same mask and config)")
-      return CellOutcome(cell, "reused", seconds=seconds)
 
   def record_attempt(stage_seconds) -> None:
     # A failed or interrupted attempt counts toward the cell's cost too.
@@ -1415,11 +1423,20 @@ def run_cell(
     io.write_json(timing_path, {"attempts": attempts, "stages": stages})
 
   started = time.time()
+  twin = None
   try:
     with progress.timing_log() as stage_seconds:
-      results = run_lib.run_experiment(
-        spec, cell_dir, shared=shared_outputs(spec, cell.setting, workdir), loaded=models.get(spec)
-      )
+      # The twin check runs the cell's localization stage (for a seed's first cell it
+      # computes the shared evidence, which run_experiment then reads back), so it is
+      # part of the attempt and of the cell's recorded time. An interrupted attempt of
+      # the cell's own does not change its edit, so it is checked on resumes too.
+      if config.reuse_identical_edits:
+        loc, record = cell_mask(cell, spec, workdir, models)
+        twin = find_twin(config, cell, spec, loc["flu_layers"], record, out_dir)
+      if twin is None:
+        results = run_lib.run_experiment(
+          spec, cell_dir, shared=shared_outputs(spec, cell.setting, workdir), loaded=models.get(spec)
+        )
   except BaseException:
     record_attempt(stage_seconds)
     raise
@@ -1430,10 +1447,22 @@ def run_cell(
     # executables too, until the process is crowded).
     compile_cache.release_at_boundary()
   record_attempt(stage_seconds)
+  seconds = float(sum(attempts))
+  if twin is not None:
+    summary = dict(
+      twin, method=cell.method, mask_name=loc["mask_name"], reused_from=twin["method"], cell_seconds=seconds,
+      mask_units=record["units"], mask_other_matrices=record["other_matrices"], mask_record_source=record["source"],
+      attempt_seconds=attempts, stage_seconds=stages, spec=json.loads(json.dumps(spec.to_json())),
+      metrics=dict(twin["metrics"], cell_seconds=seconds),
+    )
+    io.write_json(recorded, summary)
+    io.write_json(summary_path, summary)
+    progress.stage_line("cell reused", seconds, f"{cell.label}: the same edit as {twin['method']} (same mask and config)")
+    return CellOutcome(cell, "reused", seconds=seconds)
   model = models.get(spec)[0]
   mask, _ = masks_lib.load_mask(cell_dir / "localization" / "mask.npz", model)
-  record = mask_record(mask, results["localization"]["flu_layers"], model)
-  summary = _summary(cell, spec, results, float(sum(attempts)), attempts, stages, record)
+  record = mask_record(mask, results["localization"]["flu_layers"], model, source="cell")
+  summary = _summary(cell, spec, results, seconds, attempts, stages, record)
   io.write_json(recorded, summary)
   io.write_json(summary_path, summary)
   return CellOutcome(cell, "ran", seconds=summary["cell_seconds"])
@@ -1467,18 +1496,23 @@ def sync_shared(src: str | os.PathLike, dst: str | os.PathLike) -> int:
   return copied
 
 
-def cell_mask(cell: Cell, spec: ExperimentSpec, workdir: pathlib.Path, models: _Models) -> tuple[dict[str, Any], dict[str, Any]]:
+def cell_mask(
+  cell: Cell, spec: ExperimentSpec, workdir: pathlib.Path, models: _Models, source: str = "cell"
+) -> tuple[dict[str, Any], dict[str, Any]]:
   """(localization summary, `mask_record`) of a cell, from its own localization stage run
-  in `workdir/mask_records/` on the shared evidence (seconds: scores and the fact-lookup
-  pick are read back, seeded baselines redraw the same matrices)."""
-  loaded = models.get(spec)
+  in `workdir/mask_records/` on the shared evidence (seconds once the evidence exists:
+  scores and the fact-lookup pick are read back, seeded baselines redraw the same
+  matrices; the first cell of a seed computes the evidence here). `source` names it in
+  the record: "cell" for the cell's own attempt, "rebuilt" for a finished one's."""
+  model, tokenizer = models.get(spec)
+  loaded = (run_lib.place_model(model, spec.mesh), tokenizer)  # where run_experiment localizes
   scratch = workdir / "mask_records" / cell.setting / cell.method / f"seed{cell.seed}"
   with progress.stage(f"mask of {cell.label}", release_compiled=True):
     loc = run_lib.localize_only(
       spec, [cell.method], scratch, shared=shared_outputs(spec, cell.setting, workdir), loaded=loaded
     )[cell.method]
-  mask, _ = masks_lib.load_mask(scratch / "localization" / cell.method / "mask.npz", loaded[0])
-  return loc, mask_record(mask, loc["flu_layers"], loaded[0])
+  mask, _ = masks_lib.load_mask(scratch / "localization" / cell.method / "mask.npz", model)
+  return loc, mask_record(mask, loc["flu_layers"], model, source=source)
 
 
 def _experiment_but_method(spec_json: Mapping[str, Any]) -> dict[str, Any]:
@@ -1496,7 +1530,8 @@ def find_twin(
   layers and the same whole matrices trained. Everything after localization (edit
   data and order, attacks, probes) depends on these alone, so its results are this
   cell's. A cell that itself reused another is never a twin (its original is), nor
-  is a mask with sub-tensor entries.
+  is a mask with sub-tensor entries. A twin's record may be "rebuilt" (its localization
+  rerun on the stored scores and picks it was made from, matching its recorded size).
   """
   if any(m.endswith("(part)") for m in record["other_matrices"]):
     return None
@@ -1519,31 +1554,49 @@ def backfill_mask_records(
 ) -> list[str]:
   """Adds the mask record (`mask_record`) to finished cells summarized before it existed.
 
-  Each such cell's mask is rebuilt by its own localization stage from the shared
-  evidence (scores and fact-lookup pick are read back; seeded baselines redraw the
-  same matrices) in `workdir/mask_records/`; a rebuilt mask whose size or FLU layers
-  differ from what the cell recorded is reported and left out, never written.
-  Returns the labels of the cells it completed.
+  From the cell's own `localization/mask.npz` where its run folder is still in
+  `workdir`; otherwise its localization stage is rerun on the kept shared evidence
+  (`cell_mask`: the stored scores and fact-lookup pick are read back, seeded baselines
+  redraw the same matrices) and the record says "rebuilt". A rebuilt mask whose size or
+  FLU layers differ from what the cell recorded, or a cell that cannot be rebuilt, is
+  reported and left without a record, never stops the study. Returns the labels of the
+  cells it completed.
   """
   done = []
   for cell, path, summary in finished_cells(config, out_dir):
     if "mask_units" in summary:
       continue
-    spec = config.cell_spec(cell)
-    _check_recorded_spec(path, summary, spec)
-    loc, record = cell_mask(cell, spec, workdir, models)
-    if loc["trained_parameters"] != summary["trained_parameters"] or loc["flu_layers"] != summary["flu_layers"]:
+    cell_dir = workdir / "cells" / cell.setting / cell.method / f"seed{cell.seed}"
+    try:
+      spec = config.cell_spec(cell)
+      _check_recorded_spec(path, summary, spec)
+      own = cell_dir / "localization" / "mask.npz"
+      if own.is_file():
+        model = models.get(spec)[0]
+        mask, _ = masks_lib.load_mask(own, model)
+        flu_layers = summary["flu_layers"]
+        record = mask_record(mask, flu_layers, model, source="cell")
+        trained = masks_lib.trained_parameter_count(mask, model)
+      else:
+        loc, record = cell_mask(cell, spec, workdir, models, source="rebuilt")
+        flu_layers, trained = loc["flu_layers"], loc["trained_parameters"]
+    except Exception as e:  # pylint: disable=broad-except
+      progress.stage_line("mask record skipped", 0.0, f"{cell.label}: {type(e).__name__}: {e}")
+      continue
+    if trained != summary["trained_parameters"] or flu_layers != summary["flu_layers"]:
       progress.stage_line(
         "mask record skipped", 0.0,
-        f"{cell.label}: the rebuilt mask trains {loc['trained_parameters']:,} weights (FLU layers"
-        f" {loc['flu_layers']}), the cell recorded {summary['trained_parameters']:,} ({summary['flu_layers']})",
+        f"{cell.label}: the mask trains {trained:,} weights (FLU layers {flu_layers}), the cell recorded"
+        f" {summary['trained_parameters']:,} ({summary['flu_layers']})",
       )
       continue
-    summary = dict(summary, mask_units=record["units"], mask_other_matrices=record["other_matrices"])
+    summary = dict(
+      summary, mask_units=record["units"], mask_other_matrices=record["other_matrices"],
+      mask_record_source=record["source"],
+    )
     summary["metrics"] = dict(summary["metrics"], **{MASK_JACCARD: record["jaccard"]})
-    recorded = workdir / "cells" / cell.setting / cell.method / f"seed{cell.seed}" / "study_cell.json"
-    if recorded.is_file():
-      io.write_json(recorded, summary)
+    if (cell_dir / "study_cell.json").is_file():
+      io.write_json(cell_dir / "study_cell.json", summary)
     io.write_json(path, summary)
     done.append(cell.label)
   return done
@@ -1571,11 +1624,11 @@ def run_study(
     only_settings, only_methods, only_seeds: run a subset (the report covers every
       finished cell of the study).
     max_cells: stop after running this many cells (0: no limit; skipped finished
-      cells do not count).
+      cells and cells that took a twin's results do not count).
     keep_going: record a failing cell in `out_dir/failures.json` and go on
       (default: stop at the first failure).
-    on_cell_done: called after each cell that ran, once the outputs are rewritten
-      (e.g. a launcher committing the results folder).
+    on_cell_done: called after each cell that ran or took a twin's results, once the
+      outputs are rewritten (e.g. a launcher committing the results folder).
     loader: (model spec, seed) -> (model, tokenizer) (default: the library's loader).
   """
   workdir = pathlib.Path(workdir)

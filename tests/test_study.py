@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import math
+import shutil
 
 import pytest
 
@@ -209,7 +210,7 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   data = study.collect(config, tmp_path)
   facts = config.settings[0]
   contrast = study.same_mask_contrasts(data, facts)
-  assert contrast["comparators"] == {0: ["ap"], 1: ["ap"], 2: ["ap"]}
+  assert contrast["comparators"] == {0: ["ap"], 1: ["ap"], 2: ["ap"]}  # "random" has other masks here
   assert contrast["hyperparameters"] == {"forget_coef": [0.3, 1.0]}
   rows = dict(contrast["rows"])
   fl, ap = data.values[("facts", "fact_lookup", "forget_qa")], data.values[("facts", "ap", "forget_qa")]
@@ -238,6 +239,15 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   diff = sum(random_qa[s] - ap_qa[s] for s in config.seeds) / 3
   assert any(d.startswith(f"forget_qa vs ap: {diff:+.3f}") for d in formats["details"]), formats["details"]
   assert not any(c["setting"] == "whole" for c in study.claims(data, matched=True))
+  assert study.same_mask_contrasts(data, facts)["comparators"] == {0: ["random"], 1: ["random"], 2: ["random"]}
+  # A same-mask cell with fact lookup's own edit config is fact lookup's cell again:
+  # not a hyperparameter contrast.
+  for seed in config.seeds:
+    path = tmp_path / "cells" / f"facts__random__seed{seed}.json"
+    s = io.read_json(path)
+    s["spec"]["edit"]["forget_coef"] = 0.3
+    io.write_json(path, s)
+  assert study.same_mask_contrasts(study.collect(config, tmp_path), facts) is None
   # Without a same-mask cell at ap's config there is nothing to pair.
   set_ap_jaccard(set())
   for seed in config.seeds:
@@ -388,8 +398,10 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   assert len(rand["mask_units"]) == len(flu_units) and all(u.startswith("mlp") for u in rand["mask_units"])
   shared_units = len(set(rand["mask_units"]) & set(flu_units))
   assert rand["metrics"][study.MASK_JACCARD] == pytest.approx(shared_units / (2 * len(flu_units) - shared_units))
-  # Summaries written before the mask record existed get it from the cell's own
-  # localization stage (scores and picks read back), equal to what a new cell records.
+  assert summary["mask_record_source"] == "cell"
+  # Summaries written before the mask record existed get it from the cell's own mask
+  # file, or, without the cell's run folder, from its localization stage rerun on the
+  # shared evidence: equal to what the cell recorded either way.
   recorded = {}
   for method in ("fact_lookup", "random_mlps"):
     for path in (
@@ -398,11 +410,26 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
     ):
       s = io.read_json(path)
       recorded[path] = (s.pop("mask_units"), s.pop("mask_other_matrices"), s["metrics"].pop(study.MASK_JACCARD))
+      s.pop("mask_record_source")
       io.write_json(path, s)
   study.run_study(config, tmp_path / "work", out)
   for path, (units, other, jaccard) in recorded.items():
     s = io.read_json(path)
     assert (s["mask_units"], s["mask_other_matrices"], s["metrics"][study.MASK_JACCARD]) == (units, other, jaccard)
+    assert s["mask_record_source"] == "cell"  # the run folders are there
+  random_summary = out / "cells" / "sports_random16__random_mlps__seed0.json"
+  s = io.read_json(random_summary)
+  units = (s.pop("mask_units"), s.pop("mask_other_matrices"), s["metrics"].pop(study.MASK_JACCARD))
+  io.write_json(random_summary, s)
+  run_dir = tmp_path / "work" / "cells" / "sports_random16" / "random_mlps" / "seed0"
+  (run_dir / "localization" / "mask.npz").rename(tmp_path / "moved_mask.npz")
+  (run_dir / "study_cell.json").unlink()
+  shutil.rmtree(tmp_path / "work" / "mask_records")  # nothing computed before is read back
+  study.run_study(config, tmp_path / "work", out)
+  s = io.read_json(random_summary)
+  assert (s["mask_units"], s["mask_other_matrices"], s["metrics"][study.MASK_JACCARD]) == units
+  assert s["mask_record_source"] == "rebuilt"
+  (tmp_path / "moved_mask.npz").rename(run_dir / "localization" / "mask.npz")
   text = (out / "study.md").read_text()
   assert "## sports_random16" in text and "| random_mlps |" in text and "## Claims of the paper" in text
   assert f"| {', '.join(flu_units)} | {summary['flu_layers']} | 1.000 |" in text  # the cells table
@@ -476,5 +503,14 @@ def test_a_cell_with_a_finished_twin_takes_its_results_which_equal_a_real_run(tm
   record = {"units": twin["mask_units"], "other_matrices": twin["mask_other_matrices"]}
   assert study.find_twin(other, study.Cell("sports_random16", "ct_mlps", 2), spec, twin["flu_layers"], record, out) is None
   same = config.cell_spec(study.Cell("sports_random16", "ct_mlps", 2))
-  found = study.find_twin(config, study.Cell("sports_random16", "ct_mlps", 2), same, twin["flu_layers"], record, out)
+  cell = study.Cell("sports_random16", "ct_mlps", 2)
+  found = study.find_twin(config, cell, same, twin["flu_layers"], record, out)
   assert found is not None and found["method"] == "ap_mlps"
+  # Other FLU layers, another matrix, or a part of a matrix: no twin.
+  assert study.find_twin(config, cell, same, [0], record, out) is None
+  assert study.find_twin(config, cell, same, twin["flu_layers"], dict(record, other_matrices=["attn0.query"]), out) is None
+  part = dict(record, units=[], other_matrices=[f"{u}.gating_linear (part)" for u in record["units"]])
+  assert study.find_twin(config, cell, same, twin["flu_layers"], part, out) is None
+  # The twin check is part of the cell's attempt and its recorded time.
+  assert reused["attempt_seconds"] and reused["cell_seconds"] == pytest.approx(sum(reused["attempt_seconds"]))
+  assert any(e["stage"].startswith("mask of") for e in reused["stage_seconds"])
