@@ -514,3 +514,19 @@ def test_a_cell_with_a_finished_twin_takes_its_results_which_equal_a_real_run(tm
   # The twin check is part of the cell's attempt and its recorded time.
   assert reused["attempt_seconds"] and reused["cell_seconds"] == pytest.approx(sum(reused["attempt_seconds"]))
   assert any(e["stage"].startswith("mask of") for e in reused["stage_seconds"])
+
+
+def test_verdicts_count_only_comparisons_between_different_masks():
+  iv = lambda lo, hi: study.Interval(n=3, mean=(lo + hi) / 2, lo=lo, hi=hi, sd=0.1)
+  one = study.Interval(n=1, mean=0.1, lo=None, hi=None, sd=None)
+  same = study.Comparison("forget_qa", "ct_mlps", iv(0.1, 0.2), True, seeds=(0, 1, 2), same_mask_seeds=(0, 1, 2))
+  partly = study.Comparison("forget_qa", "ap_mlps", iv(0.1, 0.2), True, seeds=(0, 1, 2), same_mask_seeds=(1,))
+  better = study.Comparison("forget_qa", "ap", iv(-0.2, -0.1), True, seeds=(0, 1, 2))
+  untestable = study.Comparison("forget_qa", "ct", one, True, seeds=(0,))
+  assert same.outcome == "same mask" and partly.outcome == "worse" and better.outcome == "better"
+  assert "seeds 0, 1, 2" in better.text() and "same mask as fact_lookup in seed(s) 1" in partly.text()
+  assert study._verdict([same, better]).startswith("holds (all 1 comparisons significantly better; 1 left out")
+  assert study._verdict([same, partly, better]).startswith("does not hold (1 of 2")
+  assert study._verdict([same]).startswith("cannot be tested: every comparator trained the fact-lookup mask")
+  # An untestable comparison beside a same-mask one is not "every comparator has the mask".
+  assert study._verdict([same, untestable]).startswith("cannot be tested yet")
