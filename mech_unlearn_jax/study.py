@@ -1507,7 +1507,8 @@ def cell_mask(
   model, tokenizer = models.get(spec)
   loaded = (run_lib.place_model(model, spec.mesh), tokenizer)  # where run_experiment localizes
   scratch = workdir / "mask_records" / cell.setting / cell.method / f"seed{cell.seed}"
-  with progress.stage(f"mask of {cell.label}", release_compiled=True):
+  with progress.stage("cell mask", release_compiled=True) as info:  # one name: one row of the time table
+    info["detail"] = cell.label
     loc = run_lib.localize_only(
       spec, [cell.method], scratch, shared=shared_outputs(spec, cell.setting, workdir), loaded=loaded
     )[cell.method]
