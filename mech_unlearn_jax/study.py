@@ -898,6 +898,60 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
   return out
 
 
+def baseline_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any] | None:
+  """Fact lookup minus each baseline (every method but fact lookup and output tracing),
+  paired by seed, on the claims' metrics: the paper's comparisons with random, all-MLP
+  and nonlocalized edits, reported beside the verdicts (which test output tracing only).
+
+  Returns None for whole-sport settings or without a baseline paired with fact lookup;
+  else {"setting", "methods", "rows": [(metric, {method: Interval})]}.
+  """
+  if get_task(setting.task).whole_set_split(setting.split):
+    return None
+  methods = [m for m in data.config.methods if m != "fact_lookup" and m not in OUTPUT_TRACING]
+  rows, used = [], []
+  for _, metrics, _ in _claim_specs(data, setting.name):
+    for metric, _ in metrics:
+      mine = data.values.get((setting.name, "fact_lookup", metric), {})
+      row = {}
+      for m in methods:
+        theirs = data.values.get((setting.name, m, metric), {})
+        seeds = sorted(set(mine) & set(theirs))
+        if seeds:
+          row[m] = t_interval([mine[s] - theirs[s] for s in seeds], data.config.confidence)
+          used.append(m)
+      if row:
+        rows.append((metric, row))
+  if not rows:
+    return None
+  return {"setting": setting.name, "methods": [m for m in methods if m in used], "rows": rows}
+
+
+def baseline_markdown(contrast: Mapping[str, Any]) -> str:
+  """`baseline_contrasts` as a table (mean [t-interval], n seeds)."""
+  methods = contrast["methods"]
+  lines = [
+    f"### Fact lookup against the baselines: {contrast['setting']}\n",
+    "Fact lookup minus each baseline, paired by seed: mean [t-interval] (n seeds); `*` where the interval"
+    " excludes 0. Not part of the verdicts above, which compare with output tracing.\n",
+    "| metric | " + " | ".join(methods) + " |",
+    "|---|" + "---|" * len(methods),
+  ]
+  for metric, row in contrast["rows"]:
+    cells = []
+    for m in methods:
+      iv = row.get(m)
+      if iv is None:
+        cells.append("-")
+      elif iv.lo is None:
+        cells.append(f"{iv.mean:+.3f} (1)")
+      else:
+        star = "*" if iv.lo > 0 or iv.hi < 0 else ""
+        cells.append(f"{iv.mean:+.3f}{star} [{iv.lo:+.3f}, {iv.hi:+.3f}] ({iv.n})")
+    lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def same_mask_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any] | None:
   """Fact lookup against cells that trained exactly its mask: what the families' tuned
   edit hyperparameters alone change.
@@ -1190,6 +1244,9 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
     contrast = same_mask_contrasts(data, setting)
     if contrast is not None:
       out.append(same_mask_markdown(contrast))
+    baselines = baseline_contrasts(data, setting)
+    if baselines is not None:
+      out.append(baseline_markdown(baselines))
   out.append("## Cells\n")
   out.append(
     f"`{MASK_JACCARD}`: the share of the weights trained by the cell or by its seed's fact-lookup mask that"

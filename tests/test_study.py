@@ -206,6 +206,16 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   formats = set_ap_jaccard({0, 1, 2})[("facts", "fact-lookup edits generalize to other prompt formats")]
   assert formats["verdict"].startswith("cannot be tested: every comparator trained the fact-lookup mask"), formats
   assert any("compares edit hyperparameters only" in d for d in formats["details"])
+  # Fact lookup against the baselines ("random" here), paired by seed, beside the verdicts.
+  data = study.collect(config, tmp_path)
+  base = study.baseline_contrasts(data, config.settings[0])
+  assert base["methods"] == ["random"]
+  rows = dict(base["rows"])
+  assert rows["forget_qa"]["random"].n == 3
+  fl, rnd = data.values[("facts", "fact_lookup", "forget_qa")], data.values[("facts", "random", "forget_qa")]
+  assert rows["forget_qa"]["random"].mean == pytest.approx(sum(fl[s] - rnd[s] for s in fl) / 3)
+  assert study.baseline_contrasts(data, config.settings[1]) is None  # whole-sport setting
+  assert "### Fact lookup against the baselines: facts" in study.study_markdown(data, {})
   # The same-mask cells measure what the families' hyperparameters alone change.
   data = study.collect(config, tmp_path)
   facts = config.settings[0]
