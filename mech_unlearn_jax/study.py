@@ -761,19 +761,31 @@ def fact_lookup_values(
   if not matched:
     return dict(data.values.get((setting, "fact_lookup", metric), {}))
   cells = {(s["method"], s["seed"]): s for s in data.summaries if s["setting"] == setting}
+  candidates = ("fact_lookup",) + tuple(m for m in data.config.methods if m != "fact_lookup")
+  same = {m: set(same_mask_seeds(data, setting, m)) for m in candidates}
   out = {}
   for (method, seed), summary in cells.items():
     if method != other:
       continue
-    edit = _edit_without_seed(summary)
-    for m in ("fact_lookup",) + tuple(x for x in data.config.methods if x != "fact_lookup"):
-      twin = cells.get((m, seed))
-      if twin is None or _edit_without_seed(twin) != edit:
-        continue
-      if (m == "fact_lookup" or seed in same_mask_seeds(data, setting, m)) and metric in twin["metrics"]:
-        out[seed] = twin["metrics"][metric]
+    for m in candidates:
+      cell = cells.get((m, seed))
+      if (
+        cell is not None
+        and (m == "fact_lookup" or seed in same[m])
+        and metric in cell["metrics"]
+        and _edit_without_seed(cell) == _edit_without_seed(summary)
+      ):
+        out[seed] = cell["metrics"][metric]
         break
   return out
+
+
+def _paired(mine: Mapping[int, float], theirs: Mapping[int, float], confidence: float):
+  """(paired seeds, t-interval of mine - theirs over them), or None without a common seed."""
+  seeds = tuple(sorted(set(mine) & set(theirs)))
+  if not seeds:
+    return None
+  return seeds, t_interval([mine[s] - theirs[s] for s in seeds], confidence)
 
 
 def same_mask_seeds(data: StudyData, setting: str, method: str) -> list[int]:
@@ -859,6 +871,7 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
         out.append(_whole_set_claim(data, setting, present))
       continue
     others = [m for m in OUTPUT_TRACING if m in data.config.methods]
+    same_by_other = {m: set(same_mask_seeds(data, setting.name, m)) for m in others}
     specs = _claim_specs(data, setting.name)
     if not any(k[0] == setting.name for k in data.values):
       out.append(
@@ -876,12 +889,14 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
         if metric not in present:
           continue
         for other in others:
-          mine = fact_lookup_values(data, setting.name, metric, other, matched)
-          theirs = data.values.get((setting.name, other, metric), {})
-          seeds = tuple(sorted(set(mine) & set(theirs)))
-          if seeds:
-            iv = t_interval([mine[s] - theirs[s] for s in seeds], data.config.confidence)
-            same = tuple(s for s in seeds if s in same_mask_seeds(data, setting.name, other))
+          paired = _paired(
+            fact_lookup_values(data, setting.name, metric, other, matched),
+            data.values.get((setting.name, other, metric), {}),
+            data.config.confidence,
+          )
+          if paired is not None:
+            seeds, iv = paired
+            same = tuple(s for s in seeds if s in same_by_other[other])
             comps.append(Comparison(metric, other, iv, lower, seeds, same))
       if comps:
         verdict = _verdict(comps)
@@ -915,10 +930,9 @@ def baseline_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any]
       mine = data.values.get((setting.name, "fact_lookup", metric), {})
       row = {}
       for m in methods:
-        theirs = data.values.get((setting.name, m, metric), {})
-        seeds = sorted(set(mine) & set(theirs))
-        if seeds:
-          row[m] = t_interval([mine[s] - theirs[s] for s in seeds], data.config.confidence)
+        paired = _paired(mine, data.values.get((setting.name, m, metric), {}), data.config.confidence)
+        if paired is not None:
+          row[m] = paired[1]
           used.append(m)
       if row:
         rows.append((metric, row))
@@ -966,30 +980,28 @@ def same_mask_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any
   """
   if get_task(setting.task).whole_set_split(setting.split):
     return None
-  specs = {(s["method"], s["seed"]): s["spec"] for s in data.summaries if s["setting"] == setting.name}
-  def other_edit(m: str, seed: int) -> bool:
-    # A same-mask cell with fact lookup's own edit config (its tuning family, or a
-    # copy) is fact lookup's cell again: a difference of exactly 0 that says nothing.
-    edit = lambda method: {k: v for k, v in specs[(method, seed)]["edit"].items() if k != "seed"}
-    return edit(m) != edit("fact_lookup")
-
+  cells = {(s["method"], s["seed"]): s for s in data.summaries if s["setting"] == setting.name}
+  same = {m: set(same_mask_seeds(data, setting.name, m)) for m in data.config.methods}
+  # A same-mask cell with fact lookup's own edit config (its tuning family, or a copy)
+  # is fact lookup's cell again: a difference of exactly 0 that says nothing.
   comparators = {
     seed: [
       m
       for m in data.config.methods
-      if m != "fact_lookup" and seed in same_mask_seeds(data, setting.name, m) and other_edit(m, seed)
+      if m != "fact_lookup" and seed in same[m]
+      and _edit_without_seed(cells[(m, seed)]) != _edit_without_seed(cells[("fact_lookup", seed)])
     ]
-    for seed in sorted({seed for (m, seed) in specs if m == "fact_lookup"})
+    for seed in sorted(seed for (m, seed) in cells if m == "fact_lookup")
   }
   comparators = {seed: ms for seed, ms in comparators.items() if ms}
   if not comparators:
     return None
   hyper: dict[str, list[Any]] = {}
   for seed, methods in comparators.items():
-    mine = specs[("fact_lookup", seed)]["edit"]
+    mine = _edit_without_seed(cells[("fact_lookup", seed)])
     for m in methods:
-      for key, value in specs[(m, seed)]["edit"].items():
-        if key != "seed" and mine.get(key) != value:
+      for key, value in _edit_without_seed(cells[(m, seed)]).items():
+        if mine.get(key) != value:
           values = hyper.setdefault(key, [mine.get(key)])
           if value not in values[1:]:
             values.append(value)
@@ -1422,9 +1434,14 @@ def _summary(
   }
 
 
+def _spec_record(spec: ExperimentSpec) -> dict[str, Any]:
+  """`spec.to_json()` as it reads back from a summary file (tuples as lists)."""
+  return json.loads(json.dumps(spec.to_json()))
+
+
 def _check_recorded_spec(path: pathlib.Path, summary: Mapping[str, Any], spec: ExperimentSpec) -> None:
   recorded = summary.get("spec")
-  current = json.loads(json.dumps(spec.to_json()))
+  current = _spec_record(spec)
   if recorded != current:
     changed = schema.diff(recorded or {}, current)
     raise ValueError(
@@ -1509,7 +1526,7 @@ def run_cell(
     summary = dict(
       twin, method=cell.method, mask_name=loc["mask_name"], reused_from=twin["method"], cell_seconds=seconds,
       mask_units=record["units"], mask_other_matrices=record["other_matrices"], mask_record_source=record["source"],
-      attempt_seconds=attempts, stage_seconds=stages, spec=json.loads(json.dumps(spec.to_json())),
+      attempt_seconds=attempts, stage_seconds=stages, spec=_spec_record(spec),
       metrics=dict(twin["metrics"], cell_seconds=seconds),
     )
     io.write_json(recorded, summary)
@@ -1573,8 +1590,12 @@ def cell_mask(
   return loc, mask_record(mask, loc["flu_layers"], model, source=source)
 
 
-def _experiment_but_method(spec_json: Mapping[str, Any]) -> dict[str, Any]:
-  return dict(spec_json, localize=dict(spec_json["localize"], method=None))
+def _experiment_but_method(record: Mapping[str, Any]) -> dict[str, Any]:
+  """The experiment part of a config record (`run_lib.experiment_part`: not where it
+  ran) without the method's name."""
+  out = run_lib.experiment_part(dict(record))
+  out["localize"] = dict(out["localize"], method=None)
+  return out
 
 
 def find_twin(
@@ -1593,7 +1614,7 @@ def find_twin(
   """
   if any(m.endswith("(part)") for m in record["other_matrices"]):
     return None
-  mine = _experiment_but_method(json.loads(json.dumps(spec.to_json())))
+  mine = _experiment_but_method(_spec_record(spec))
   for other, _, summary in finished_cells(config, out_dir):
     if (other.setting, other.seed) != (cell.setting, cell.seed) or other.method == cell.method:
       continue
