@@ -29,9 +29,16 @@ def _terminate(signum, frame):
   del frame
   # As Ctrl-C: open stages unwind (timing records, checkpoints' atomic writes), and the
   # one-line message says how to resume. Python runs this only between bytecodes, so
-  # during a long XLA compile it waits; a second SIGTERM then ends the process at once.
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  raise KeyboardInterrupt(f"signal {signum}")
+  # during a long XLA compile it waits; a second signal then ends the process at once.
+  # Raised inside a garbage-collector callback (JAX registers one) the exception is
+  # dropped by Python, so the request is also recorded: the next stage boundary,
+  # progress update or training step raises it (`progress.raise_if_interrupted`).
+  from mech_unlearn_jax import progress  # pylint: disable=g-import-not-at-top
+
+  signal.signal(signum, signal.SIG_DFL)
+  reason = f"signal {signum}"
+  progress.request_interrupt(reason)
+  raise KeyboardInterrupt(reason)
 
 
 def setup() -> None:
@@ -52,7 +59,8 @@ def setup() -> None:
   elif FLAGS.keep_compiled is not None:
     os.environ.setdefault("MECH_UNLEARN_JAX_KEEP_COMPILED", FLAGS.keep_compiled)
   compile_cache.keep_policy()  # a bad value fails here, not after the first stage
-  signal.signal(signal.SIGTERM, _terminate)
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, _terminate)
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("devices: %s", jax.devices())

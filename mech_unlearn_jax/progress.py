@@ -6,6 +6,12 @@ few seconds: the knowledge scan, localization, evaluations, edit and attack step
 the same times as data (the study stores them with each cell). Set the environment
 variable MECH_UNLEARN_JAX_PROGRESS=0 (or pass `enabled=False`) to silence bars, e.g.
 in logs of batch jobs.
+
+Interrupts: a launcher's signal handler raises KeyboardInterrupt at once and also
+records the request here (`request_interrupt`), because Python drops an exception
+raised inside a garbage-collector callback or a finalizer (it prints "Exception
+ignored" and goes on). Stage boundaries, progress-bar updates and training steps call
+`raise_if_interrupted`, so a request that was dropped is raised there instead of lost.
 """
 
 from __future__ import annotations
@@ -33,11 +39,54 @@ def enabled() -> bool:
   return env_switch("MECH_UNLEARN_JAX_PROGRESS", True)
 
 
+# Why an interrupt was requested and not yet seen by a stage ("" when none is pending).
+_interrupt_request = ""
+
+
+def request_interrupt(reason: str) -> None:
+  """Records an interrupt (a signal handler calls this before raising KeyboardInterrupt)."""
+  global _interrupt_request
+  _interrupt_request = reason or "interrupt"
+
+
+def interrupt_requested() -> str:
+  """Why an interrupt is pending ("" if none)."""
+  return _interrupt_request
+
+
+def raise_if_interrupted() -> None:
+  """Raises the pending interrupt, if a signal's KeyboardInterrupt was dropped on the way."""
+  global _interrupt_request
+  if _interrupt_request:
+    reason, _interrupt_request = _interrupt_request, ""
+    raise KeyboardInterrupt(reason)
+
+
+def _interrupt_delivered(error: BaseException) -> None:
+  """A KeyboardInterrupt reached a stage: the pending request is being handled."""
+  global _interrupt_request
+  if isinstance(error, KeyboardInterrupt):
+    _interrupt_request = ""
+
+
+class _Bar(tqdm_auto.tqdm):
+  """tqdm that raises a pending interrupt at every update and every item."""
+
+  def update(self, n=1):
+    raise_if_interrupted()
+    return super().update(n)
+
+  def __iter__(self):
+    for item in super().__iter__():
+      raise_if_interrupted()
+      yield item
+
+
 def bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
   """A tqdm bar (disabled when progress output is off)."""
   # In a log file (no terminal) redraws every 0.1 s would flood it; refresh rarely.
   interval = 0.1 if sys.stderr.isatty() else 30.0
-  return tqdm_auto.tqdm(
+  return _Bar(
       iterable, total=total, desc=desc, unit=unit, leave=False, disable=not enabled(),
       dynamic_ncols=True, file=sys.stderr, mininterval=interval,
   )
@@ -142,6 +191,7 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
   suite of tiny models, whose many short stages would recompile), "auto" keeps them
   until the process is crowded (`compile_cache.release_at_boundary`).
   """
+  raise_if_interrupted()
   info: dict[str, Any] = {"detail": ""}
   start, peak_before = time.time(), peak_rss_bytes()
   # Each open log gets its entry now, so entries are in start order; "seconds" is
@@ -158,7 +208,8 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
   _open_stages.append(name)
   try:
     yield info
-  except BaseException:
+  except BaseException as error:
+    _interrupt_delivered(error)
     for entries, entry in opened:
       entries.remove(entry)
     raise
@@ -184,3 +235,4 @@ def stage(name: str, *, release_compiled: bool = False) -> Iterator[dict[str, An
     }
     for _, entry in opened:
       entry.update(after)
+  raise_if_interrupted()  # a request dropped during this stage ends the run here

@@ -590,31 +590,87 @@ def test_keep_compiled_flag_beats_the_environment_which_beats_a_launcher_default
   assert policy("0", "--keep_compiled=1") == "1"
 
 
-def test_sigterm_unwinds_a_launcher_like_ctrl_c(tmp_path):
-  # A killed study attempt must still run its `except BaseException` bookkeeping.
+def _run_guarded_launcher(tmp_path, setup_lines, job_lines):
+  """Runs a launcher-like script: `common.setup()`, then `job_lines` under
+  `common.guarded`, writing tmp_path/"unwound" if the job raised."""
+  indent = lambda lines, n: "".join(" " * n + line + "\n" for line in lines)
   code = (
-      "import os, signal, sys\n"
+      "import gc, os, signal, time\n"
       "from absl import app\n"
       "from launch import common\n"
+      "from mech_unlearn_jax import progress\n"
       "def main(argv):\n"
       "  common.setup()\n"
-      "  def job():\n"
+      + indent(setup_lines, 2)
+      + "  def job():\n"
       "    try:\n"
-      "      os.kill(os.getpid(), signal.SIGTERM)\n"
-      "      import time; time.sleep(30)\n"
-      "    except BaseException:\n"
+      + indent(job_lines, 6)
+      + "    except BaseException:\n"
       f"      open({str(tmp_path / 'unwound')!r}, 'w').close()\n"
       "      raise\n"
       "  common.guarded(job)\n"
       "app.run(main)\n"
   )
-  out = subprocess.run(
+  return subprocess.run(
       [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
       cwd=pathlib.Path(__file__).resolve().parents[1],
   )
+
+
+def test_sigterm_unwinds_a_launcher_like_ctrl_c(tmp_path):
+  # A killed study attempt must still run its `except BaseException` bookkeeping.
+  out = _run_guarded_launcher(tmp_path, [], ["os.kill(os.getpid(), signal.SIGTERM)", "time.sleep(30)"])
   assert out.returncode == 130, out.stderr
   assert "interrupted; rerun the same command to resume" in out.stderr
   assert (tmp_path / "unwound").exists()
+
+
+def test_a_signal_dropped_inside_a_gc_callback_is_raised_at_the_next_stage(tmp_path):
+  # Python drops an exception raised in a garbage-collector callback (JAX registers
+  # one): the signal's KeyboardInterrupt is lost there, and before the fix the run went
+  # on with SIGTERM reset to the default, so the next one killed it without unwinding.
+  out = _run_guarded_launcher(
+      tmp_path,
+      [
+          "def kill_during_collection(phase, info):",
+          "  if phase == 'start' and not getattr(kill_during_collection, 'done', False):",
+          "    kill_during_collection.done = True",
+          "    os.kill(os.getpid(), signal.SIGTERM)",
+          "    for _ in range(1000): pass",  # the handler runs here, inside the callback
+          "gc.callbacks.append(kill_during_collection)",
+      ],
+      [
+          "gc.collect()",
+          f"open({str(tmp_path / 'collected')!r}, 'w').close()",
+          "with progress.stage('next stage'):",
+          f"  open({str(tmp_path / 'stage ran')!r}, 'w').close()",
+      ],
+  )
+  assert "Exception ignored" in out.stderr and "KeyboardInterrupt" in out.stderr  # dropped there
+  assert (tmp_path / "collected").exists()
+  assert out.returncode == 130, out.stderr
+  assert "interrupted; rerun the same command to resume" in out.stderr
+  assert (tmp_path / "unwound").exists() and not (tmp_path / "stage ran").exists()
+
+
+def test_a_pending_interrupt_is_raised_by_bars_and_training_steps_once():
+  from mech_unlearn_jax import progress
+
+  progress.request_interrupt("signal 15")
+  with pytest.raises(KeyboardInterrupt, match="signal 15"):
+    list(progress.bar(range(3), desc="items"))
+  assert progress.interrupt_requested() == ""  # raised once, not again in the cleanup
+  assert list(progress.bar(range(3))) == [0, 1, 2]
+  progress.request_interrupt("signal 2")
+  with pytest.raises(KeyboardInterrupt):
+    progress.bar(total=3).update(1)
+  # One that reached a stage normally is not raised a second time by the next stage.
+  progress.request_interrupt("signal 15")
+  with pytest.raises(KeyboardInterrupt):
+    with progress.stage("interrupted"):
+      raise KeyboardInterrupt("signal 15")
+  with progress.stage("cleanup after the interrupt"):
+    pass
 
 
 def test_timing_log_records_nested_stages_in_start_order():

@@ -133,6 +133,28 @@ def test_killed_run_resumes_to_the_same_parameters_and_history(
     )
 
 
+def test_an_interrupt_dropped_by_python_stops_before_the_next_step_and_resumes(
+    tiny_model, data, uninterrupted, tmp_path
+):
+  # A signal's KeyboardInterrupt lost inside a gc callback leaves only the request.
+  from mech_unlearn_jax import progress
+
+  def request_after_step_4(step, metrics):
+    del metrics
+    if step == 4:
+      progress.request_interrupt("signal 15")
+
+  with pytest.raises(KeyboardInterrupt, match="signal 15"):
+    train_lib.edit(tiny_model, _mask(), data, CONFIG, checkpoint_dir=str(tmp_path),
+                   model_spec="tiny", data_split=SPLIT, log_fn=request_after_step_4)
+  assert progress.interrupt_requested() == ""
+  with checkpoint.CheckpointManager(tmp_path) as manager:
+    assert manager.all_steps() == [2, 4]  # stopped before step 5
+  resumed = train_lib.edit(tiny_model, _mask(), data, CONFIG, checkpoint_dir=str(tmp_path),
+                           model_spec="tiny", data_split=SPLIT, log_fn=None)
+  _assert_trees_equal(resumed.state.params, uninterrupted.state.params)
+
+
 def test_a_finished_run_resumes_without_training(tiny_model, data, uninterrupted, tmp_path):
   train_lib.edit(tiny_model, _mask(), data, CONFIG, checkpoint_dir=str(tmp_path), log_fn=None)
   logged = []

@@ -427,6 +427,7 @@ def train(
   pending = None
   try:
     for step in range(int(state.step), config.steps):
+      progress.raise_if_interrupted()
       state, metrics = step_fn(state, place_batch(batch_fn(step)), rng)
       if pending is not None:
         check(*pending)  # the previous step; this one is already queued
