@@ -1,4 +1,4 @@
-"""The reproduction study: settings x methods x seeds (see `mech_unlearn_jax/study.py`).
+"""The reproduction study: settings x methods x seeds (see `mech_unlearn_jax/study/`).
 
   python -m launch.study --config=configs/study_sports.py --workdir=runs/study --results_dir=docs/results
   python -m launch.study --config=configs/study_sports.py --workdir=runs/study \

@@ -318,8 +318,8 @@ def test_robustness_metric_names_and_measures():
   cf = study.robustness_metrics(robust, "counterfact")
   assert cf["softprompt_prefix_forget"] == pytest.approx(0.2) and "softprompt_prefix_forget_argmax" not in cf
   assert cf["relearn_lora_forget_step20"] == pytest.approx(0.01)
-  assert study._measure("counterfact", "paraphrase") == ("prob_full", "argmax_full")
-  assert study._measure("counterfact", "mc") == ("prob_normalized", "argmax_candidates")
+  assert study.metrics._measure("counterfact", "paraphrase") == ("prob_full", "argmax_full")
+  assert study.metrics._measure("counterfact", "mc") == ("prob_normalized", "argmax_candidates")
 
 
 def _tiny_config():
@@ -478,9 +478,9 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
 
 def test_intervals_are_cut_to_the_metrics_range():
   wide = study.Interval(n=2, mean=0.95, lo=-0.4, hi=2.3, sd=0.1)
-  assert study._fmt_interval(wide, "forget_qa") == "0.950 [0.000, 1.000]"
-  assert study._fmt_interval(wide, "retain_kl") == "0.9500 [0.0000, 2.3000]"  # KL has no upper bound
-  assert study._fmt_interval(study.Interval(1, 0.5, None, None, None), "forget_qa") == "0.500 (n=1)"
+  assert study.aggregate._fmt_interval(wide, "forget_qa") == "0.950 [0.000, 1.000]"
+  assert study.aggregate._fmt_interval(wide, "retain_kl") == "0.9500 [0.0000, 2.3000]"  # KL has no upper bound
+  assert study.aggregate._fmt_interval(study.Interval(1, 0.5, None, None, None), "forget_qa") == "0.500 (n=1)"
 
 
 def test_a_cell_with_a_finished_twin_takes_its_results_which_equal_a_real_run(tmp_path):
@@ -535,8 +535,8 @@ def test_verdicts_count_only_comparisons_between_different_masks():
   untestable = study.Comparison("forget_qa", "ct", one, True, seeds=(0,))
   assert same.outcome == "same mask" and partly.outcome == "worse" and better.outcome == "better"
   assert "seeds 0, 1, 2" in better.text() and "same mask as fact_lookup in seed(s) 1" in partly.text()
-  assert study._verdict([same, better]).startswith("holds (all 1 comparisons significantly better; 1 left out")
-  assert study._verdict([same, partly, better]).startswith("does not hold (1 of 2")
-  assert study._verdict([same]).startswith("cannot be tested: every comparator trained the fact-lookup mask")
+  assert study.comparisons._verdict([same, better]).startswith("holds (all 1 comparisons significantly better; 1 left out")
+  assert study.comparisons._verdict([same, partly, better]).startswith("does not hold (1 of 2")
+  assert study.comparisons._verdict([same]).startswith("cannot be tested: every comparator trained the fact-lookup mask")
   # An untestable comparison beside a same-mask one is not "every comparator has the mask".
-  assert study._verdict([same, untestable]).startswith("cannot be tested yet")
+  assert study.comparisons._verdict([same, untestable]).startswith("cannot be tested yet")
