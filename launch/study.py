@@ -43,6 +43,9 @@ def commit_results(path: str, message: str, attempts: int = 10) -> None:
   for attempt in range(attempts):
     out = subprocess.run(["git", "add", "--", path], capture_output=True, text=True)
     if out.returncode == 0:
+      # Nothing staged under `path`: nothing to commit, which is not an error.
+      if subprocess.run(["git", "diff", "--cached", "--quiet", "--", path]).returncode == 0:
+        return
       out = subprocess.run(["git", "commit", "-q", "-m", message, "--", path], capture_output=True, text=True)
       if out.returncode == 0:
         return
@@ -50,9 +53,8 @@ def commit_results(path: str, message: str, attempts: int = 10) -> None:
     if "index.lock" in text and attempt < attempts - 1:
       time.sleep(3)
       continue
-    # "Nothing to commit" is not an error; anything else is reported, never fatal.
-    if "nothing to commit" not in text and "no changes added" not in text:
-      print(f"study: git commit of {path} failed: {text.strip()}", file=sys.stderr)
+    # Reported, never fatal: the results stay on disk for the next commit.
+    print(f"study: git commit of {path} failed: {text.strip()}", file=sys.stderr)
     return
 
 
@@ -97,6 +99,10 @@ def main(argv):
       on_cell_done=on_cell_done,
     )
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "reused", "skipped", "failed")}
+    if FLAGS.commit_results:
+      # What changed outside a finished cell: mask records backfilled at the start, a
+      # failed cell's record, the report rebuilt over them (nothing, usually).
+      commit_results(results_dir, f"Study results: records and report after the run ({len(outcomes)} cells visited)")
     print(
       f"study: {counts['ran']} cells ran, {counts['reused']} reused an identical finished edit,"
       f" {counts['skipped']} were finished before, {counts['failed']} failed; see {results_dir}/study.md"

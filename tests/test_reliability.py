@@ -699,3 +699,33 @@ def test_timing_log_records_nested_stages_in_start_order():
     with progress.stage("next"):
       pass
   assert [e["stage"] for e in failed] == ["next"]  # a stage that raised did not finish
+
+
+def test_study_commits_only_its_results_folder(tmp_path):
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+  git("init", "-q")
+  git("config", "user.email", "study@example.com")
+  git("config", "user.name", "study")
+  (tmp_path / "README").write_text("a project\n")
+  git("add", "README")
+  git("commit", "-q", "-m", "start")
+  (tmp_path / "results").mkdir()
+  (tmp_path / "results" / "study.md").write_text("one cell\n")
+  (tmp_path / "code.py").write_text("x = 1\n")
+  git("add", "code.py")  # someone's staged work, not the study's to commit
+  (tmp_path / "notes.txt").write_text("untracked\n")  # changes git's "nothing to commit" wording
+  # In a subprocess: importing the launcher sets absl flag defaults for the process.
+  code = (
+      "from launch.study import commit_results\n"
+      "commit_results('results', 'Study results: one cell')\n"
+      "commit_results('results', 'Study results: nothing new')\n"  # no error, no commit
+  )
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+  assert git("log", "--format=%s").splitlines() == ["Study results: one cell", "start"]
+  assert git("show", "--name-only", "--format=").split() == ["results/study.md"]
+  assert git("diff", "--cached", "--name-only").split() == ["code.py"]  # still staged
