@@ -84,12 +84,22 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+# Edit values tuned at the reference's budget (`docs/sweeps.md`, learning-rate stage
+# only), over the family's `TUNED_EDIT`. Families not listed were not tuned at this
+# budget and keep the default budget's values.
+TUNED_EDIT_REFERENCE_BUDGET = {
+    "fact_lookup": {"lr": 3e-5},
+}
+
+
 def use_reference_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The reference's edit budget (METHOD §3): 50 steps of 64 examples per term, in 4
-  accumulated micro-batches of 16 (same gradient, a quarter of the activations)."""
+  accumulated micro-batches of 16 (same gradient, a quarter of the activations), with
+  the method's family's learning rate tuned at that budget where there is one."""
   c.edit.steps = 50
   c.edit.forget_batch_size = c.edit.maintain_batch_size = c.edit.retain_batch_size = 64
   c.edit.num_microbatches = 4
+  c.edit.update(TUNED_EDIT_REFERENCE_BUDGET.get(FAMILY_OF[c.localize.method], {}))
   return c
 
 
