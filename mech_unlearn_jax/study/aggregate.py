@@ -46,6 +46,25 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
   return Interval(int(x.size), mean, mean - half, mean + half, sd)
 
 
+def paired_interval(mine: Mapping[int, float], theirs: Mapping[int, float], confidence: float):
+  """(paired seeds, t-interval of mine - theirs over them), or None without a common seed."""
+  seeds = tuple(sorted(set(mine) & set(theirs)))
+  if not seeds:
+    return None
+  return seeds, t_interval([mine[s] - theirs[s] for s in seeds], confidence)
+
+
+def excludes_zero(iv: Interval) -> bool:
+  """Whether a difference's interval lies on one side of 0 (False for one value)."""
+  return iv.lo is not None and (iv.lo > 0 or iv.hi < 0)
+
+
+def signed_interval(iv: Interval, digits: int = 3) -> str:
+  """A difference as "+0.060 [+0.040, +0.080]" ("+0.060" for one value)."""
+  text = f"{iv.mean:+.{digits}f}"
+  return text if iv.lo is None else f"{text} [{iv.lo:+.{digits}f}, {iv.hi:+.{digits}f}]"
+
+
 @dataclasses.dataclass
 class StudyData:
   """Finished cells' values, indexed for tables, claims and figures."""

@@ -17,8 +17,14 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 from mech_unlearn_jax import io
-from mech_unlearn_jax.study.aggregate import Interval, _fmt_interval, t_interval
-from mech_unlearn_jax.study.comparisons import _paired
+from mech_unlearn_jax.study.aggregate import (
+    Interval,
+    _fmt_interval,
+    excludes_zero,
+    paired_interval,
+    signed_interval,
+    t_interval,
+)
 from mech_unlearn_jax.study.metrics import cell_metrics
 
 # Metrics left out unless asked for: they describe the run, not the edit.
@@ -94,7 +100,7 @@ def compare(groups: Sequence[GroupValues], metrics: Sequence[str], confidence: f
       MetricRow(
         metric,
         tuple(t_interval(list(b.values()), confidence) for b in by_seed),
-        tuple(_paired(b, by_seed[0], confidence) for b in by_seed[1:]),
+        tuple(paired_interval(b, by_seed[0], confidence) for b in by_seed[1:]),
       )
     )
   return rows
@@ -106,9 +112,7 @@ def _fmt_difference(diff, metric: str) -> str:
   seeds, iv = diff
   if iv.lo is None:
     return f"{iv.mean:+.3f} (seed {seeds[0]} only)"
-  digits = 4 if metric == "retain_kl" else 3
-  mark = " *" if iv.lo > 0 or iv.hi < 0 else ""
-  return f"{iv.mean:+.{digits}f} [{iv.lo:+.{digits}f}, {iv.hi:+.{digits}f}]{mark}"
+  return signed_interval(iv, 4 if metric == "retain_kl" else 3) + (" *" if excludes_zero(iv) else "")
 
 
 def markdown(groups: Sequence[GroupValues], rows: Sequence[MetricRow], confidence: float = 0.95) -> str:

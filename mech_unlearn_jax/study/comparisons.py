@@ -18,7 +18,16 @@ import numpy as np
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudySetting, UNEDITED
 from mech_unlearn_jax.study.metrics import MASK_JACCARD
-from mech_unlearn_jax.study.aggregate import Interval, StudyData, _formats, _relearn_steps, t_interval
+from mech_unlearn_jax.study.aggregate import (
+    Interval,
+    StudyData,
+    _formats,
+    _relearn_steps,
+    excludes_zero,
+    paired_interval,
+    signed_interval,
+    t_interval,
+)
 
 
 OUTPUT_TRACING = ("ap", "ct", "ap_mlps", "ct_mlps")
@@ -53,15 +62,13 @@ class Comparison:
     return "better" if better else "worse" if worse else "unresolved"
 
   def text(self) -> str:
-    iv = self.interval
-    bounds = "" if iv.lo is None else f" [{iv.lo:+.3f}, {iv.hi:+.3f}]"
-    bounds += f", seeds {', '.join(map(str, self.seeds))}" if self.seeds else ""
+    seeds = f", seeds {', '.join(map(str, self.seeds))}" if self.seeds else ""
     outcome = self.outcome
     if outcome == "same mask":
       outcome = "same mask as fact_lookup in every seed: compares edit hyperparameters only"
     elif self.same_mask_seeds:
       outcome += f"; same mask as fact_lookup in seed(s) {', '.join(map(str, self.same_mask_seeds))}"
-    return f"{self.metric} vs {self.other}: {iv.mean:+.3f}{bounds} ({outcome})"
+    return f"{self.metric} vs {self.other}: {signed_interval(self.interval)}{seeds} ({outcome})"
 
 
 def _edit_without_seed(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,14 +107,6 @@ def fact_lookup_values(
         out[seed] = cell["metrics"][metric]
         break
   return out
-
-
-def _paired(mine: Mapping[int, float], theirs: Mapping[int, float], confidence: float):
-  """(paired seeds, t-interval of mine - theirs over them), or None without a common seed."""
-  seeds = tuple(sorted(set(mine) & set(theirs)))
-  if not seeds:
-    return None
-  return seeds, t_interval([mine[s] - theirs[s] for s in seeds], confidence)
 
 
 def same_mask_seeds(data: StudyData, setting: str, method: str) -> list[int]:
@@ -211,7 +210,7 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
         if metric not in present:
           continue
         for other in others:
-          paired = _paired(
+          paired = paired_interval(
             fact_lookup_values(data, setting.name, metric, other, matched),
             data.values.get((setting.name, other, metric), {}),
             data.config.confidence,
@@ -252,7 +251,7 @@ def baseline_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any]
       mine = data.values.get((setting.name, "fact_lookup", metric), {})
       row = {}
       for m in methods:
-        paired = _paired(mine, data.values.get((setting.name, m, metric), {}), data.config.confidence)
+        paired = paired_interval(mine, data.values.get((setting.name, m, metric), {}), data.config.confidence)
         if paired is not None:
           row[m] = paired[1]
           used.append(m)
@@ -282,7 +281,7 @@ def baseline_markdown(contrast: Mapping[str, Any]) -> str:
       elif iv.lo is None:
         cells.append(f"{iv.mean:+.3f} (1)")
       else:
-        star = "*" if iv.lo > 0 or iv.hi < 0 else ""
+        star = "*" if excludes_zero(iv) else ""
         cells.append(f"{iv.mean:+.3f}{star} [{iv.lo:+.3f}, {iv.hi:+.3f}] ({iv.n})")
     lines.append(f"| {metric} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
@@ -358,8 +357,7 @@ def same_mask_markdown(contrast: Mapping[str, Any]) -> str:
     "|---|---|---|",
   ]
   for metric, iv in contrast["rows"]:
-    bounds = "" if iv.lo is None else f" [{iv.lo:+.3f}, {iv.hi:+.3f}]"
-    lines.append(f"| {metric} | {iv.mean:+.3f}{bounds} | {iv.n} |")
+    lines.append(f"| {metric} | {signed_interval(iv)} | {iv.n} |")
   return "\n".join(lines) + "\n"
 
 
