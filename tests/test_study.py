@@ -217,7 +217,6 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   assert study.baseline_contrasts(data, config.settings[1]) is None  # whole-sport setting
   assert "### Fact lookup against the baselines: facts" in study.study_markdown(data, {})
   # The same-mask cells measure what the families' hyperparameters alone change.
-  data = study.collect(config, tmp_path)
   facts = config.settings[0]
   contrast = study.same_mask_contrasts(data, facts)
   assert contrast["comparators"] == {0: ["ap"], 1: ["ap"], 2: ["ap"]}  # "random" has other masks here
