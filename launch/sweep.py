@@ -5,7 +5,9 @@
 
 Each setting is a main job (standard format only, no attacks) in `WORKDIR/lr<lr>_cf<cf>`,
 sharing the knowledge filter, fact-lookup evidence and unedited evaluation in
-`WORKDIR/shared`; `WORKDIR/sweep.json` holds every row and the best.
+`WORKDIR/shared`; `WORKDIR/sweep.json` holds every row and the best, and
+`WORKDIR/sweep.md` the same as a table, both rewritten after every setting (a stopped
+sweep says so in its table; the same command resumes it).
 """
 
 from absl import app, flags

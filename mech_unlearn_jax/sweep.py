@@ -74,6 +74,12 @@ def sweep_markdown(record: Mapping[str, Any], title: str) -> str:
     )
   how = "lr at the first c_f, then c_f at the best lr" if record.get("staged") else "every (lr, c_f) pair"
   lines += ["", f"Score = retain acc + (1 - forget) + maintain + edit, standard format only; {how}."]
+  if not record.get("finished", True):
+    lines += [
+        "",
+        f"**Incomplete**: {len(record['rows'])} of the planned settings ran (the sweep is still running"
+        " or was stopped; the same command resumes it). \"best\" is the best so far.",
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -111,8 +117,9 @@ def run_sweep(
   product. Settings run `sweep_spec(base)` and share the knowledge filter, the
   fact-lookup evidence and the unedited model's evaluation (`workdir/shared`), which
   do not depend on lr or c_f; `loaded` = (model, tokenizer) is loaded once if None.
-  Writes sweep.json ({"rows", "best", "staged"}) after every setting. A diverged
-  setting is a row with `error` and score -inf; the sweep goes on.
+  Writes sweep.json ({"rows", "best", "staged", "finished"}) and its table sweep.md
+  after every setting, so a stopped sweep leaves its finished rows readable. A
+  diverged setting is a row with `error` and score -inf; the sweep goes on.
 
   Raises:
     ValueError: no setting produced a finite score (after writing sweep.json).
@@ -125,6 +132,13 @@ def run_sweep(
       unedited_dir=workdir / "shared" / "unedited",
   )
   rows: list[dict[str, Any]] = []
+  title = f"{base.localize.method}, {base.data.task} {base.data.split}"
+
+  def write(finished: bool) -> dict[str, Any]:
+    record = {"rows": rows, "staged": staged, "best": best_row(rows), "finished": finished}
+    io.write_json(workdir / "sweep.json", record)
+    io.write_text(workdir / "sweep.md", sweep_markdown(record, title))
+    return record
 
   def run(lr: float, cf: float) -> None:
     if any(r["lr"] == lr and r["forget_coef"] == cf for r in rows):
@@ -136,7 +150,7 @@ def run_sweep(
       rows.append({"lr": lr, "forget_coef": cf, "score": -math.inf, "error": str(e)})
     else:
       rows.append({"lr": lr, "forget_coef": cf, **standard_format_score(results)})
-    io.write_json(workdir / "sweep.json", {"rows": rows, "staged": staged})
+    write(finished=False)
 
   if loaded is None:
     from mech_unlearn_jax.models import loaders  # pylint: disable=g-import-not-at-top
@@ -152,11 +166,7 @@ def run_sweep(
   else:
     for lr, cf in itertools.product(learning_rates, forget_coefs):
       run(lr, cf)
-  best = best_row(rows)
-  record = {"rows": rows, "staged": staged, "best": best}
-  io.write_json(workdir / "sweep.json", record)
-  io.write_text(workdir / "sweep.md", sweep_markdown(record, f"{base.localize.method}, {base.data.task} {base.data.split}"))
-  if best is None:
+  if write(finished=True)["best"] is None:
     raise ValueError(
         f"{workdir / 'sweep.json'}: no setting of the sweep has a finite score (every edit diverged"
         " or scored NaN); try smaller learning rates"

@@ -42,3 +42,40 @@ def test_tiny_sweep_shares_stages_and_runs_lr_then_cf(tmp_path):
   assert io.read_json(tmp_path / "sweep.json")["best"]["score"] == max(r["score"] for r in rows)
   table = (tmp_path / "sweep.md").read_text()
   assert table.count("| best |") == 1 and len([l for l in table.splitlines() if l.startswith("| 0.0")]) == 3
+
+
+def test_a_stopped_sweep_leaves_its_finished_rows_readable(tmp_path, monkeypatch):
+  from mech_unlearn_jax import experiment, io
+
+  def results(p_forget):
+    row = lambda facts, answer, p: {"format": "standard", "facts": facts, "answer": answer, "edited_prob": p}
+    return {
+        "summary": [row("forget", "correct", p_forget), row("forget", "edit", 0.9), row("maintain", "correct", 0.9)],
+        "edited": {"retain_text": {"accuracy": 0.4}},
+    }
+
+  calls = []
+
+  def fake_run(setting, workdir, **_):
+    calls.append((setting.edit.lr, setting.edit.forget_coef))
+    if len(calls) == 2 and stop_on_second:
+      raise KeyboardInterrupt  # what SIGTERM / Ctrl-C raise in the main job
+    return results(0.1 if setting.edit.lr == 1e-3 else 0.2)
+
+  monkeypatch.setattr(sweep.experiment, "run_experiment", fake_run)
+  base = experiment.ExperimentSpec()
+  stop_on_second = True
+  try:
+    sweep.run_sweep(base, tmp_path, [1e-3, 1e-2], [1.0, 2.0], loaded=(None, None))
+  except KeyboardInterrupt:
+    pass
+  record = io.read_json(tmp_path / "sweep.json")
+  assert not record["finished"] and len(record["rows"]) == 1 and record["best"]["lr"] == 1e-3
+  table = (tmp_path / "sweep.md").read_text()
+  assert "**Incomplete**" in table and table.count("| best |") == 1
+
+  stop_on_second = False
+  rows = sweep.run_sweep(base, tmp_path, [1e-3, 1e-2], [1.0, 2.0], loaded=(None, None))
+  assert [(r["lr"], r["forget_coef"]) for r in rows] == [(1e-3, 1.0), (1e-2, 1.0), (1e-3, 2.0)]
+  assert io.read_json(tmp_path / "sweep.json")["finished"]
+  assert "Incomplete" not in (tmp_path / "sweep.md").read_text()
