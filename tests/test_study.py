@@ -539,3 +539,32 @@ def test_verdicts_count_only_comparisons_between_different_masks():
   assert study.comparisons._verdict([same]).startswith("cannot be tested: every comparator trained the fact-lookup mask")
   # An untestable comparison beside a same-mask one is not "every comparator has the mask".
   assert study.comparisons._verdict([same, untestable]).startswith("cannot be tested yet")
+
+
+def test_headline_table_means_valid_formats_and_same_mask_counts(tmp_path):
+  config = study.StudyConfig(
+    settings=(study.StudySetting("facts", "sports", "random_16"),), methods=("fact_lookup", "ct"), seeds=(0, 1),
+  )
+  unedited = {"forget_standard": 0.8, "forget_qa": 0.7, "forget_mc": 0.3, "retain_kl": 0.0}
+  for seed in config.seeds:
+    for method, p, jaccard in (("fact_lookup", 0.1, 1.0), ("ct", 0.2 + 0.1 * seed, 1.0 if seed == 0 else 0.5)):
+      m = {
+        "forget_standard": p, "forget_qa": 2 * p, "forget_mc": 0.9, "relearn_lora_forget_step10": 0.5,
+        "relearn_lora_forget_step20": 0.6 + 0.1 * seed, "probe_true_mean": 0.4, "retain_kl": 0.01,
+        "trained_parameters": 100, study.MASK_JACCARD: jaccard,
+      }
+      io.write_json(tmp_path / "cells" / f"facts__{method}__seed{seed}.json", _summary("facts", method, seed, m, unedited))
+  data = study.collect(config, tmp_path)
+  text = study.headline_markdown(data, config.settings[0])
+  lines = text.splitlines()
+  header = next(l for l in lines if l.startswith("| method |"))
+  # mc is at chance in the constructed validity: no headline column; the last relearning step only.
+  assert header == (
+    "| method | seeds | same mask | trained parameters | standard | qa | LoRA relearning, step 20 |"
+    " probe vs true answer | retain KL |"
+  )
+  rows = {l.split(" | ")[0][2:]: l for l in lines if l.startswith("| ") and not l.startswith("| method")}
+  assert rows["unedited"] == "| unedited | 2 | - | - | 0.800 | 0.700 | - | - | 0.0000 |"
+  assert rows["fact_lookup"] == "| fact_lookup | 2 | 2 | 100 | 0.100 | 0.200 | 0.650 | 0.400 | 0.0100 |"
+  assert rows["ct"] == "| ct | 2 | 1 | 100 | 0.250 | 0.500 | 0.650 | 0.400 | 0.0100 |"
+  assert text in study.study_markdown(data, {})

@@ -45,6 +45,59 @@ def _column_format(metric: str) -> str | None:
   return None
 
 
+def _invalid_formats(data: StudyData, setting: str) -> set[str]:
+  """Formats the unedited model answers at chance in at least one seed."""
+  out = set()
+  for f in _formats(data, setting):
+    k, n = data.format_valid(setting, f)
+    if n and k < n:
+      out.add(f)
+  return out
+
+
+def headline_markdown(data: StudyData, setting: StudySetting) -> str:
+  """One compact table per setting: mean over seeds of the metrics a reader looks at first.
+
+  Per method: seeds finished, seeds whose mask equals fact lookup's (Jaccard 1), forget
+  p(true) in every format the unedited model answers above chance, the LoRA relearning
+  attack's last step, the latent probe against the true answer and the retain KL. The
+  README's study table is a copy of it; intervals are in the tables that follow.
+  """
+  name = setting.name
+  methods = [m for m in (UNEDITED,) + data.config.methods if (name, m, "forget_standard") in data.values]
+  if not methods:
+    return ""
+  invalid = _invalid_formats(data, name)
+  lora = _relearn_steps(data, name, "lora")
+  cols = [(f"forget_{f}", f) for f in _formats(data, name) if f not in invalid]
+  if lora:
+    cols.append((f"relearn_lora_forget_step{lora[-1]}", f"LoRA relearning, step {lora[-1]}"))
+  cols += [("probe_true_mean", "probe vs true answer"), ("retain_kl", "retain KL")]
+  cols = [(metric, title) for metric, title in cols if any((name, m, metric) in data.values for m in methods)]
+  out = [
+    "### Headline: forget p(true) and robustness, mean over seeds\n",
+    "Forget p(true) after the edit in each format the unedited model answers above chance; relearning"
+    " and the probe on the held-out half; \"same mask\": seeds in which the method trained exactly fact"
+    " lookup's mask. Intervals: the tables below.\n",
+    "| method | seeds | same mask | trained parameters | " + " | ".join(t for _, t in cols) + " |",
+    "|---|---|---|---|" + "---|" * len(cols),
+  ]
+  for m in methods:
+    seeds = len(data.values[(name, m, "forget_standard")])
+    jaccard = data.values.get((name, m, MASK_JACCARD), {})
+    same = "-" if m == UNEDITED or not jaccard else str(sum(v >= 1.0 - 1e-9 for v in jaccard.values()))
+    params = data.values.get((name, m, "trained_parameters"), {})
+    params_text = "-" if not params else f"{np.mean(list(params.values())):,.0f}"
+    cells = []
+    for metric, _ in cols:
+      by_seed = data.values.get((name, m, metric))
+      digits = 4 if metric == "retain_kl" else 3
+      cells.append("-" if not by_seed else f"{np.mean(list(by_seed.values())):.{digits}f}")
+    out.append(f"| {m} | {seeds} | {same} | {params_text} | " + " | ".join(cells) + " |")
+  out.append("")
+  return "\n".join(out)
+
+
 def setting_markdown(data: StudyData, setting: StudySetting) -> str:
   """Validity, the three tables (mean [t-interval]) and the argmax table of a setting."""
   out = [f"## {setting.name} ({setting.task}, split {setting.split})\n"]
@@ -58,6 +111,9 @@ def setting_markdown(data: StudyData, setting: StudySetting) -> str:
     f"Seeds with results: {seeds}. Cells: `mean [{data.config.confidence:.0%} t-interval over seeds]`, cut"
     " to the metric's range ([0, 1] for probabilities); `(n=1)`: one seed, no interval yet.\n"
   )
+  headline = headline_markdown(data, setting)
+  if headline:
+    out.append(headline)
   formats = _formats(data, setting.name)
   out.append("Format validity (unedited model above chance on maintain facts, Wilson 95% on argmax):\n")
   out.append("| format | valid in seeds | unedited argmax accuracy (mean over seeds) | chance |")
