@@ -158,3 +158,35 @@ def test_counterfact_sequential_rounds(tmp_path, reference_data_dir):
   assert not set(split["forget_train"]) & set(split["maintain_train"] + split["maintain_test"])
   with pytest.raises(ValueError, match="sequential_rounds=3 must divide"):
     run_lib.round_split(experiment.run.splits_lib.Split.read(tmp_path / "split.json"), 3, 0)
+
+
+def test_whole_sport_run_keeps_the_held_out_half_out_of_localization_and_probes_it(tmp_path):
+  from configs import sports_basketball
+  from mech_unlearn_jax import io
+
+  config = sports_basketball.get_config("tiny")
+  config.eval.formats = ("standard",)
+  config.edit.lr = 3e-2
+  r = config.robustness
+  r.relearn = r.soft_prompt = r.trivia = False  # the probes are the stage under test
+  spec = experiment.ExperimentSpec.from_dict(config.to_dict())
+  experiment.run_experiment(spec, tmp_path)
+  split = stages.splits_lib.Split.read(tmp_path / "split.json")
+  held_out = set(split.forget_eval)
+  assert held_out and not held_out & set(split.forget_train)
+  # Localization never sees the held-out half, however many facts it asks for.
+  task = get_task("sports")
+  in_split = {*split.forget_train, *split.forget_eval, *split.maintain_train, *split.maintain_test}
+  pool = [f for f in task.load(spec.data) if f.key in in_split]
+  for n in (4, len(pool)):
+    chosen = stages.localization_facts(task, pool, split, n)
+    assert not {f.key for f in chosen} & held_out and [f.key for f in chosen[:2]] == list(split.forget_train[:2])
+  # The trained half is scored too (standard format, true and edit answers).
+  cells = {(c["facts"], c["answer"]) for c in io.read_json(tmp_path / "evaluation" / "edited.json")["cells"]}
+  assert {("forget_train", "correct"), ("forget_train", "edit"), ("forget", "correct")} <= cells
+  # Probes fit on the maintain facts and the trained half, so the held-out athletes'
+  # sport is a class they know: every held-out row counts toward the true accuracy.
+  probes = io.read_json(tmp_path / "robustness" / "edited" / "probes.json")
+  assert probes["num_train"] == len(split.maintain_train) + len(split.forget_train)
+  assert probes["retrained"]["num_forget_true"] == len(split.forget_eval)
+  assert probes["retrained"]["forget_true_accuracy"] is not None

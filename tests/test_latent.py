@@ -116,3 +116,36 @@ def test_edit_targets_outside_the_classes_are_left_out(tiny_model):
         tiny_model, class_batch(1, [0, 1]), [0, 1], class_batch(2, [0]), [0],
         class_batch(3, [0, 1]), [0, 5], None, num_classes=3,
     )
+
+
+def test_forget_rows_of_a_class_the_probes_never_saw_are_left_out(tiny_model):
+  # Trained on classes 0 and 1 only (class 0 twice as often); the forget facts are of
+  # class 2 (a whole-sport edit's sport, absent from the maintain facts) and class 1.
+  train_y = np.array([0, 0, 1] * 20)
+  forget_y = np.array([2] * 6 + [1] * 4)
+  edit_y = np.array([0] * 6 + [2] * 4)  # class 2 targets: never seen either
+  result = latent.latent_probe_eval(
+      tiny_model,
+      class_batch(1, train_y), train_y,
+      class_batch(2, [0, 1, 0, 1]), [0, 1, 0, 1],
+      class_batch(3, forget_y), forget_y, edit_y,
+      num_classes=3,
+      config=latent.LatentProbeConfig(probe=ProbeConfig(steps=200), chunk_size=32),
+  )
+  r = result.retrained
+  # Only the 4 class-1 rows count toward the true accuracy (decodable: 1.0 at the
+  # embedding), not the 6 class-2 rows a probe cannot predict (they would give 0.6 x 0).
+  assert (r.num_forget_true, r.num_forget_edit) == (4, 6)
+  assert r.forget_true_accuracy[0] == 1.0 and r.forget_edit_accuracy[0] == 0.0
+  # The class prior (always class 0) on the same rows: 0 of the true rows, all edit rows.
+  assert (result.prior_true, result.prior_edit) == (0.0, 1.0)
+  out = result.to_json()
+  assert out["retrained"]["num_forget_true"] == 4 and out["prior_true"] == 0.0
+  # No forget row of a seen class: no true accuracy at all (not a 0).
+  none = latent.latent_probe_eval(
+      tiny_model, class_batch(1, train_y), train_y, class_batch(2, [0, 1]), [0, 1],
+      class_batch(3, [2, 2]), [2, 2], None, num_classes=3,
+      config=latent.LatentProbeConfig(probe=ProbeConfig(steps=50), chunk_size=32),
+  )
+  assert none.retrained.forget_true_accuracy is None and none.prior_true is None
+  assert none.to_json()["retrained"]["forget_true_accuracy"] is None

@@ -319,6 +319,25 @@ def test_robustness_metric_names_and_measures():
   assert cf["relearn_lora_forget_step20"] == pytest.approx(0.01)
   assert study.metrics._measure("counterfact", "paraphrase") == ("prob_full", "argmax_full")
   assert study.metrics._measure("counterfact", "mc") == ("prob_normalized", "argmax_candidates")
+  # Probes: the class prior beside the accuracies.
+  probes = {"chance": 0.25, "prior_true": 0.4, "prior_edit": None, "retrained": {"summary": {"forget_true_mean": 0.3}}}
+  with_probes = study.robustness_metrics({"probes": probes}, "sports")
+  assert with_probes["probe_true_mean"] == 0.3 and with_probes["probe_prior_true"] == 0.4
+  assert "probe_prior_edit" not in with_probes
+
+
+def test_a_whole_set_splits_trained_half_has_its_own_metrics():
+  cells = [
+    _cell("standard", "correct", 0.3, facts="forget"),
+    _cell("standard", "correct", 0.01, facts="forget_train"),
+    _cell("standard", "edit", 0.98, facts="forget_train"),
+    _cell("standard", "correct", 0.9, facts="maintain"),
+  ]
+  out = {}
+  study.metrics._format_cells(out, cells, "sports")
+  assert out["forget_standard"] == 0.3 and out["maintain_standard"] == 0.9
+  assert out["forget_train_standard"] == 0.01 and out["edit_train_standard"] == 0.98
+  assert "forget_train_standard_argmax" in out
 
 
 def _tiny_config():

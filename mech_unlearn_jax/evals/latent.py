@@ -8,6 +8,16 @@ facts (is the probe any good?), then applied to the forget facts: accuracy again
 their true class (high = the knowledge is still there, whatever the output says) and
 against their edit-target class (high = the edit rewrote the representation too).
 
+A probe cannot predict a class it was never fit on, so each accuracy counts only the
+forget rows whose class occurs among the training labels (`num_forget_true`,
+`num_forget_edit` say how many): a whole-sport edit's true sport is absent from the
+maintain facts (the caller then fits on the edit's training half too,
+`experiment/robustness.py`), and CounterFact has hundreds of answer classes that a
+few hundred training facts do not all cover. The class prior is reported beside the
+accuracies (`prior_true`, `prior_edit`: what always predicting the most frequent
+training class scores on the same rows), since with many unbalanced classes it is
+far above 1 / num_classes.
+
 Two ways to get the probes:
   * "retrained": fit on the edited model's own activations of the maintain-train facts
     (asks: can the edited model's representation be read linearly at all?).
@@ -125,20 +135,22 @@ class LatentProbeScores:
   Attributes:
     train_accuracy: on the facts the probes were fit on.
     heldout_accuracy, heldout_interval: on held-out maintain facts ([L], [L, 2]).
-    forget_true_accuracy, forget_true_interval: forget facts vs their true class.
+    forget_true_accuracy, forget_true_interval: forget facts vs their true class,
+      over the rows whose true class the probes were fit on (None if none is).
     forget_edit_accuracy, forget_edit_interval: forget facts vs their edit-target
-      class, over the rows whose target is a probe class (None without targets).
-    num_forget_edit: how many rows that is.
+      class, over the rows whose target the probes were fit on (None without targets).
+    num_forget_true, num_forget_edit: how many rows each is over.
   """
 
   train_accuracy: np.ndarray
   heldout_accuracy: np.ndarray
   heldout_interval: np.ndarray
-  forget_true_accuracy: np.ndarray
-  forget_true_interval: np.ndarray
+  forget_true_accuracy: np.ndarray | None
+  forget_true_interval: np.ndarray | None
   forget_edit_accuracy: np.ndarray | None = None
   forget_edit_interval: np.ndarray | None = None
   num_forget_edit: int = 0
+  num_forget_true: int = 0
 
   def means(self) -> dict[str, float]:
     """Mean and max over layers of each accuracy (max: the most decodable layer)."""
@@ -155,13 +167,17 @@ class LatentProbeScores:
         "train_accuracy": _layer_list(self.train_accuracy),
         "heldout_accuracy": _layer_list(self.heldout_accuracy),
         "heldout_interval95": _interval_list(self.heldout_interval),
-        "forget_true_accuracy": _layer_list(self.forget_true_accuracy),
-        "forget_true_interval95": _interval_list(self.forget_true_interval),
+        "forget_true_accuracy": None,
+        "forget_true_interval95": None,
+        "num_forget_true": self.num_forget_true,
         "forget_edit_accuracy": None,
         "forget_edit_interval95": None,
         "num_forget_edit": self.num_forget_edit,
         "summary": self.means(),
     }
+    if self.forget_true_accuracy is not None:
+      out["forget_true_accuracy"] = _layer_list(self.forget_true_accuracy)
+      out["forget_true_interval95"] = _interval_list(self.forget_true_interval)
     if self.forget_edit_accuracy is not None:
       out["forget_edit_accuracy"] = _layer_list(self.forget_edit_accuracy)
       out["forget_edit_interval95"] = _interval_list(self.forget_edit_interval)
@@ -182,6 +198,8 @@ class LatentProbeResult:
   num_heldout: int
   num_forget: int
   chance: float
+  prior_true: float | None = None
+  prior_edit: float | None = None
 
   @property
   def num_layers(self) -> int:
@@ -196,6 +214,8 @@ class LatentProbeResult:
         "num_train": self.num_train,
         "num_heldout": self.num_heldout,
         "num_forget": self.num_forget,
+        "prior_true": self.prior_true,
+        "prior_edit": self.prior_edit,
         "retrained": self.retrained.to_json(),
         "transfer": None if self.transfer is None else self.transfer.to_json(),
     }
@@ -208,15 +228,25 @@ def score_probes(
     forget_acts, forget_true_labels,
     forget_edit_labels=None,
 ) -> LatentProbeScores:
-  """Accuracies of fitted probes on the train, held-out and forget activations."""
+  """Accuracies of fitted probes on the train, held-out and forget activations.
+
+  Forget labels of -1 (a class the probes were not fit on) are left out of that
+  accuracy; with no row left it is None.
+  """
   heldout_acc, heldout_int = probes_lib.accuracy_with_interval(probes.predict(heldout_acts), heldout_labels)
   forget_pred = probes.predict(forget_acts)
-  true_acc, true_int = probes_lib.accuracy_with_interval(forget_pred, forget_true_labels)
-  edit_acc = edit_int = None
-  if forget_edit_labels is not None:
-    edit = np.asarray(forget_edit_labels)
-    keep = edit >= 0  # -1: a target outside the probe's classes
-    edit_acc, edit_int = probes_lib.accuracy_with_interval(forget_pred[:, keep], edit[keep])
+
+  def scored(labels):
+    if labels is None:
+      return None, None, 0
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    if not keep.any():
+      return None, None, 0
+    return (*probes_lib.accuracy_with_interval(forget_pred[:, keep], labels[keep]), int(keep.sum()))
+
+  true_acc, true_int, num_true = scored(forget_true_labels)
+  edit_acc, edit_int, num_edit = scored(forget_edit_labels)
   return LatentProbeScores(
       train_accuracy=np.asarray(probes.accuracy(train_acts, train_labels)),
       heldout_accuracy=heldout_acc,
@@ -225,8 +255,21 @@ def score_probes(
       forget_true_interval=true_int,
       forget_edit_accuracy=edit_acc,
       forget_edit_interval=edit_int,
-      num_forget_edit=0 if forget_edit_labels is None else int(keep.sum()),
+      num_forget_edit=num_edit,
+      num_forget_true=num_true,
   )
+
+
+def _unseen_to_minus_one(labels: np.ndarray, seen: np.ndarray) -> np.ndarray:
+  """-1 where a label is not among the training labels (the probe cannot predict it)."""
+  return np.where(np.isin(labels, seen), labels, -1).astype(np.int32)
+
+
+def _prior_accuracy(labels: np.ndarray | None, majority: int) -> float | None:
+  """Accuracy of always predicting `majority` on the rows with a label (>= 0)."""
+  if labels is None or not (labels >= 0).any():
+    return None
+  return float(np.mean(labels[labels >= 0] == majority))
 
 
 def _labels_for(batch: FactBatch, labels, num_classes: int, what: str) -> np.ndarray:
@@ -259,9 +302,10 @@ def latent_probe_eval(
     heldout_batch, heldout_labels: held-out maintain prompts and true classes.
     forget_batch, forget_true_labels: the edited facts' prompts and true classes.
     forget_edit_labels: their edit-target classes, or None (pure unlearning). -1
-      marks a target outside the probe's classes (e.g. golf for a probe trained on
-      three sports): such rows are left out of the edit accuracy (a probe cannot
-      predict a class it never saw), and if every row is -1 there is no edit accuracy.
+      marks a target outside the probe's classes. Rows whose true or target class
+      does not occur in `train_labels` are left out of that accuracy (a probe cannot
+      predict a class it never saw; e.g. golf for a probe trained on three sports),
+      and with no row left there is no such accuracy.
     num_classes: number of classes.
     config: probe and batching settings.
     base_model: the unedited model; with `config.transfer`, probes fit on its
@@ -285,7 +329,14 @@ def latent_probe_eval(
           f" (-1: not a probe class), got shape {edit.shape}"
           + (f", values {edit.min()}..{edit.max()}" if edit.size else "")
       )
-    forget_edit = edit.astype(np.int32) if (edit >= 0).any() else None
+    forget_edit = edit.astype(np.int32)
+  seen = np.unique(train_labels)
+  forget_true = _unseen_to_minus_one(forget_true, seen)
+  if forget_edit is not None:
+    forget_edit = _unseen_to_minus_one(forget_edit, seen)
+    if not (forget_edit >= 0).any():
+      forget_edit = None
+  majority = int(np.bincount(train_labels, minlength=num_classes).argmax())
 
   acts = lambda m, b: last_token_residuals(m, b, config.chunk_size)
   train_acts = acts(model, train_batch)
@@ -311,4 +362,6 @@ def latent_probe_eval(
       num_heldout=heldout_batch.size,
       num_forget=forget_batch.size,
       chance=1.0 / num_classes,
+      prior_true=_prior_accuracy(forget_true, majority),
+      prior_edit=_prior_accuracy(forget_edit, majority),
   )

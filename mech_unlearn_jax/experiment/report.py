@@ -201,8 +201,11 @@ def robustness_markdown(
     out.append("")
   if any("probes" in robust.get(m, {}) for m in ("unedited", "edited")):
     out.append("### Latent-knowledge probes (last-token residual stream, mean over layers / best layer)\n")
-    out.append("| model | probes | held-out maintain acc | forget: acc vs true (mean / max) | forget: acc vs edit (mean / max) | chance |")
-    out.append("|---|---|---|---|---|---|")
+    out.append(
+        "| model | probes | held-out maintain acc | forget: acc vs true (mean / max) | forget: acc vs edit (mean / max) |"
+        " chance | class prior (true / edit) |"
+    )
+    out.append("|---|---|---|---|---|---|---|")
     for model in ("unedited", "edited"):
       res = robust.get(model, {}).get("probes")
       if not res:
@@ -215,9 +218,12 @@ def robustness_markdown(
         out.append(
             f"| {model} | {kind} | {_fmt(m.get('heldout_mean'))} | {_fmt(m.get('forget_true_mean'))} /"
             f" {_fmt(m.get('forget_true_max'))} | {_fmt(m.get('forget_edit_mean'))} / {_fmt(m.get('forget_edit_max'))} |"
-            f" {_fmt(res.get('chance'))} |"
+            f" {_fmt(res.get('chance'))} | {_fmt(res.get('prior_true'))} / {_fmt(res.get('prior_edit'))} |"
         )
-    out.append("")
+    out.append(
+        "Accuracies count the forget rows whose class the probes were fit on (a probe cannot predict"
+        " another); class prior: always predicting the most frequent training class, on the same rows.\n"
+    )
   sp = [(m, k) for m in ("unedited", "edited") for k in ("softprompt_prefix", "softprompt_adapter") if k in robust.get(m, {})]
   if sp:
     what = "full-vocabulary p(true)" if measure == "prob_full" else "p(true) normalized"
@@ -277,6 +283,8 @@ def plot_robustness(
       res = robust.get(model, {}).get("probes")
       if res:
         acc = res["retrained"]["forget_true_accuracy"]
+        if acc is None:  # no forget row's true class among the probes' training classes
+          continue
         ax.plot(range(len(acc)), acc, style, marker="o", ms=3, label=f"{model}: forget facts vs true")
         if model == "edited" and res["retrained"].get("forget_edit_accuracy"):
           ax.plot(range(len(acc)), res["retrained"]["forget_edit_accuracy"], ":", marker="x", ms=3, label="edited: vs edit target")

@@ -109,9 +109,15 @@ def split_stage(
 
 
 def localization_facts(task: Task, pool: Sequence[Any], split: splits_lib.Split, num_prompts: int) -> list[Any]:
-  """The facts localization traces: the forget facts first, then other known facts."""
+  """The facts localization traces: the forget facts first, then other known facts.
+
+  A whole-set split's held-out half is left out: it measures how the edit generalizes
+  to facts that neither the edit nor the localization saw.
+  """
   forget = split.select(pool, "forget_train")
   keys = {f.key for f in forget}
+  if task.whole_set_split(split.name):
+    keys |= set(split.keys("forget_eval"))
   rest = [f for f in pool if f.key not in keys]
   return (list(forget) + rest)[:num_prompts]
 
@@ -178,6 +184,10 @@ def evaluation_stage(
 ) -> dict[str, Any]:
   """Forget (true and edit answers) and maintain scores in every format; retain text.
 
+  Forget scores are on `forget_eval` (a whole-set split's held-out half); for a
+  whole-set split the trained half is also scored in the standard format
+  (facts "forget_train").
+
   With `original`, also KL(original || model) on the held-out retain text. Models
   are scored in `compute_dtype`.
   """
@@ -203,6 +213,14 @@ def evaluation_stage(
     if not unlearn:
       jobs.append((name, "forget", f_facts, f_targets, "edit"))
     jobs.append((name, "maintain", task.usable_facts(name, maintain), None, "correct"))
+  if task.whole_set_split(split.name) and "standard" in config.formats:
+    # The half the edit trained on, in its own format: separates "the edit did not
+    # take" from "it did not reach the held-out half".
+    trained = split.select(facts, "forget_train")
+    trained_targets = list(split.forget_train_targets)
+    jobs.append(("standard", "forget_train", trained, trained_targets, "correct"))
+    if not unlearn:
+      jobs.append(("standard", "forget_train", trained, trained_targets, "edit"))
   cells = []
   for name, facts_name, fs, tg, answer in progress.bar(jobs, desc="evaluate", unit="cell"):
     score = formats_eval.evaluate_format(

@@ -374,7 +374,7 @@ def _whole_set_claim(data: StudyData, setting: StudySetting, present: set[str]) 
   last = f"relearn_lora_forget_step{steps[-1]}"
   first = f"relearn_lora_forget_step{steps[0]}"
   base = data.values.get((setting.name, UNEDITED, first), {})
-  details, outcomes = [], []
+  details, outcomes, nothing = [], [], 0
   for m in data.config.methods:
     p0, p1 = data.values.get((setting.name, m, first), {}), data.values.get((setting.name, m, last), {})
     ratios = [
@@ -382,6 +382,7 @@ def _whole_set_claim(data: StudyData, setting: StudySetting, present: set[str]) 
     ]
     if not ratios:
       if p0:
+        nothing += 1
         details.append(f"{m}: the edit lowered held-out p(true) by <= 0.05: nothing to relearn")
       continue
     iv = t_interval(ratios, data.config.confidence)
@@ -398,16 +399,17 @@ def _whole_set_claim(data: StudyData, setting: StudySetting, present: set[str]) 
     bounds = "" if iv.lo is None else f" [{iv.lo:.2f}, {iv.hi:.2f}]"
     details.append(f"{m}: recovery {iv.mean:.2f}{bounds} ({outcome})")
   testable = [o for o in outcomes if o != "untestable"]
+  # Methods not counted: no finished seeds yet, one seed only, or nothing to relearn.
+  n = len(data.config.methods)
+  counted = f"{len(testable)} of {n} methods testable" + (f", {nothing} with nothing to relearn" if nothing else "")
   if not testable:
     verdict = "cannot be tested yet (needs at least 2 seeds per method)"
   elif "not relearned" in testable:
-    verdict = f"does not hold ({testable.count('not relearned')} method(s) significantly below half recovery)"
-  elif all(o == "relearned" for o in testable) and len(testable) == len(data.config.methods):
-    verdict = "holds (every method recovers significantly more than half)"
+    verdict = f"does not hold ({testable.count('not relearned')} method(s) significantly below half recovery; {counted})"
+  elif all(o == "relearned" for o in testable):
+    verdict = f"holds for the methods tested (each recovers significantly more than half; {counted})"
   else:
-    verdict = (
-      f"not resolved ({testable.count('relearned')} of {len(data.config.methods)} methods significantly relearned)"
-    )
+    verdict = f"not resolved ({testable.count('relearned')} significantly relearned; {counted})"
   return {"setting": setting.name, "claim": claim, "verdict": verdict, "details": details}
 
 

@@ -30,9 +30,12 @@ def _put(out: dict[str, float], name: str, value: Any) -> None:
 def _format_cells(out, cells, task, prefix="", suffix="", facts_names=("forget", "forget_heldout")):
   for c in cells:
     kind = "maintain" if c["facts"] == "maintain" else "forget" if c["facts"] in facts_names else None
-    if kind is None:
+    trained_half = c["facts"] == "forget_train"  # a whole-set split's trained half
+    if kind is None and not trained_half:
       continue
-    role = "edit" if c["answer"] == "edit" else kind
+    role = "edit" if c["answer"] == "edit" else kind or "forget"
+    if trained_half:
+      role += "_train"
     p_key, a_key = _measure(task, c["format"])
     _put(out, f"{prefix}{role}_{c['format']}{suffix}", c[p_key])
     _put(out, f"{prefix}{role}_{c['format']}{suffix}_argmax", c[a_key])
@@ -67,6 +70,8 @@ def robustness_metrics(robust: Mapping[str, Any], task: str) -> dict[str, float]
           for layer, v in enumerate(res.get(key) or []):
             _put(out, f"probe_{name}_layer{layer:02d}", v)
     _put(out, "probe_chance", probes.get("chance"))
+    _put(out, "probe_prior_true", probes.get("prior_true"))
+    _put(out, "probe_prior_edit", probes.get("prior_edit"))
   for kind in ("prefix", "adapter"):
     res = robust.get(f"softprompt_{kind}")
     if not res:

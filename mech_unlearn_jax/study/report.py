@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from mech_unlearn_jax import io
+from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudyConfig, StudySetting, UNEDITED
 from mech_unlearn_jax.study.metrics import MASK_JACCARD
 from mech_unlearn_jax.study.aggregate import StudyData, _fmt_interval, _formats, _relearn_steps, collect, csv_text
@@ -21,7 +22,8 @@ def table_columns(data: StudyData, setting: str) -> list[tuple[str, list[str]]]:
   """The three tables of a setting (the paper's Tables 1-3): (title, metric columns)."""
   present = set(data.metrics(setting))
   formats = _formats(data, setting)
-  t1 = ["forget_standard", "edit_standard", "maintain_standard"]
+  # forget_train_* / edit_train_*: a whole-set split's trained half (the rest: held out).
+  t1 = ["forget_standard", "edit_standard", "forget_train_standard", "edit_train_standard", "maintain_standard"]
   t1 += [f"{role}_{f}" for f in formats if f != "standard" for role in ("forget", "edit")]
   lora, full = _relearn_steps(data, setting, "lora"), _relearn_steps(data, setting, "full")
   t2 = [f"relearn_lora_forget_step{s}" for s in lora if s > 0]
@@ -77,8 +79,9 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
   out = [
     "### Headline: forget p(true) and robustness, mean over seeds\n",
     "Forget p(true) after the edit in each format the unedited model answers above chance; relearning"
-    " and the probe on the held-out half; \"same mask\": seeds in which the method trained exactly fact"
-    " lookup's mask. Intervals: the tables below.\n",
+    " on the held-out half of the forget set after the attack, the probe on the forget facts (whole-set"
+    " splits: the held-out half); \"same mask\": seeds in which the method trained exactly fact lookup's"
+    " mask. Intervals: the tables below.\n",
     "| method | seeds | same mask | trained parameters | " + " | ".join(t for _, t in cols) + " |",
     "|---|---|---|---|" + "---|" * len(cols),
   ]
@@ -111,6 +114,12 @@ def setting_markdown(data: StudyData, setting: StudySetting) -> str:
     f"Seeds with results: {seeds}. Cells: `mean [{data.config.confidence:.0%} t-interval over seeds]`, cut"
     " to the metric's range ([0, 1] for probabilities); `(n=1)`: one seed, no interval yet.\n"
   )
+  if get_task(setting.task).whole_set_split(setting.split):
+    out.append(
+      "Whole-set split: every seed edits and evaluates the same two halves (the first and second half of"
+      " the set); a seed changes the maintain split, the training order, the random baselines and the"
+      " attacks, so the intervals do not cover the choice of facts.\n"
+    )
   headline = headline_markdown(data, setting)
   if headline:
     out.append(headline)
@@ -306,9 +315,14 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
     "Accuracies are probabilities: sports answers normalized over the candidate sports (letter-MC over the"
     " option letters); CounterFact (except letter-MC) the full-vocabulary probability of the first target"
     " token. `_argmax` columns are the matching argmax accuracies (CounterFact: top-1 over the vocabulary)."
-    " Forget metrics are on the edited facts (whole-sport settings: the held-out half); relearning, probe and"
-    " soft-prompt metrics on the held-out half of the forget set after the attack. `unedited` rows are the"
-    " unedited model under the same evaluation and attacks.\n",
+    " Forget metrics are on the edited facts (whole-sport settings: the held-out half; `forget_train_*`,"
+    " `edit_train_*`: the half the edit trained on); relearning and soft-prompt metrics on the held-out half"
+    " of the forget set after the attack; probe metrics on the forget facts (whole-sport settings: the"
+    " held-out half, the probes fit on the maintain facts and the trained half), counting only rows whose"
+    " class the probes were fit on (`probe_prior_*`: always predicting the most frequent training class)."
+    " CounterFact `forget_neighborhood`: p(true) of other subjects' prompts that share the relation, a side"
+    " effect, not a forget format. `unedited` rows are the unedited model under the same evaluation and"
+    " attacks.\n",
   ]
   for setting in cfg.settings:
     out.append(setting_markdown(data, setting))
