@@ -3,19 +3,24 @@
   python -m benchmarks.attacks                  # every attacker at the default config
   python -m benchmarks.attacks --steps=3 --attackers=relearn_lora,softprompt_prefix
   python -m benchmarks.attacks --block_scan=true,false   # scanned blocks vs block by block
+  python -m benchmarks.attacks --edit_budget=default,reference   # an edit row at each budget
 
 Each attacker is built by the library's own constructors at the main job's default
 settings (`RobustnessConfig()`): LoRA relearning (r = 512, capped by the layer width)
 and full-rank relearning (every block weight) on 8 forget facts (true answers) + 8
 maintain facts + 8 retain windows per step; the prefix soft prompt and the embedding
 adapter on 8 forget facts per step. The reference row is the edit itself (the
-fact-lookup mask of sports first-16, MLP 3; 16 examples per term). Facts are sports
+fact-lookup mask of sports first-16, MLP 3): at the main job's budget (30 steps of 16
+examples per term) or, with `--edit_budget=reference`, at the reference's (50 steps of
+64 per term in 4 accumulated micro-batches, `configs/common.py: use_reference_budget`),
+the budget the robustness issue's "the suite costs no more than the edit" refers to. Facts are sports
 athletes in the standard one-shot prompt; retain windows are 32 random tokens (the
 step's cost does not depend on the text).
 
 Per attacker: compile time, step time (median of --steps, wall and process CPU),
-XLA's FLOPs of the compiled step, MFU (XLA FLOPs per CPU-second of the step over an
-fp32 matmul's, timed in this process, so a background load does not distort it),
+XLA's FLOPs of the compiled step (times the micro-batches of an accumulating step),
+MFU (XLA FLOPs per CPU-second of the step over an fp32 matmul's, timed in this
+process, so a background load does not distort it),
 and the training cost of the whole attack at its configured steps and number of
 seeded attacks, as a multiple of the edit's. Evaluations between steps (relearning
 curves, soft-prompt scores) are not included: they are forward passes, priced by
@@ -54,6 +59,12 @@ ATTACKERS = ("edit", "relearn_lora", "relearn_full", "softprompt_prefix", "softp
 _ATTACKERS = flags.DEFINE_list("attackers", list(ATTACKERS), f"Which rows (of {ATTACKERS}); 'edit' is the reference.")
 _BENCH_STEPS = flags.DEFINE_integer("timed_steps", 3, "Timed steps after the compile step.")
 _BLOCK_SCAN = flags.DEFINE_list("block_scan", ["true"], "Run every row with each of these BlockStack.scan settings.")
+EDIT_BUDGETS = ("default", "reference")
+_EDIT_BUDGETS = flags.DEFINE_list(
+    "edit_budget", ["default"],
+    "The edit row's budgets (one row each): the main job's 30 x 16 ('default') and/or the reference's 50 x 64"
+    " ('reference', `:reference_budget`).",
+)
 NUM_RETAIN, RETAIN_WINDOW = 32, 32
 
 
@@ -94,6 +105,17 @@ def setup(name: str, model, pools, robust: RobustnessConfig, edit_config):
   return built, train_lib.EditData(forget=true_facts), attack.training, attack.num_attacks
 
 
+def edit_row_config(budget: str) -> train_lib.EditConfig:
+  """The edit row's optimizer settings: the main job's, or the reference budget's."""
+  if budget == "default":
+    return ExperimentSpec().edit
+  from configs import common  # pylint: disable=g-import-not-at-top
+
+  c = common.base_config()
+  common.use_reference_budget(c)
+  return ExperimentSpec.from_dict(c.to_dict()).edit
+
+
 def step_inputs(params, trainable, update_mask, data, config):
   """(fresh train state, step-0 batch, rng, the step's other arguments) as `train` builds them."""
   loss_fn = train_lib.EditLoss(config)
@@ -115,6 +137,10 @@ def time_training(params, trainable, update_mask, data, config, timed_steps: int
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  # Micro-batches accumulate in a `lax.scan`, whose body XLA's cost analysis counts
+  # once: the step does num_microbatches times that (the optimizer update, outside the
+  # loop, is a rounding error next to the forward and backward passes).
+  flops *= config.num_microbatches
   walls, cpus = [], []
   state, metrics = compiled(state, batch, rng, trainable=trainable, update_mask=update_mask)
   jax.block_until_ready(metrics)
@@ -137,39 +163,57 @@ def main(argv):
   unknown = [a for a in _ATTACKERS.value if a not in ATTACKERS]
   if unknown:
     raise app.UsageError(f"--attackers: unknown {unknown}; expected some of {ATTACKERS}")
+  budgets = _EDIT_BUDGETS.value
+  unknown = [b for b in budgets if b not in EDIT_BUDGETS]
+  if unknown or not budgets:
+    raise app.UsageError(f"--edit_budget: expected some of {EDIT_BUDGETS}, got {budgets}")
   scans = [_parse_bool(v) for v in _BLOCK_SCAN.value]
   _, peak_cpu = edit_bench.matmul_peak()
   loaded, tokenizer = loaders.load_model_and_tokenizer("default")
   edit_facts, true_facts, maintain, retain = sports_pools(tokenizer, loaded.config.vocab_size)
   robust = RobustnessConfig()
-  edit_config = ExperimentSpec().edit
+  # (row name, attacker, edit budget or None)
+  plan = []
+  for name in _ATTACKERS.value:
+    if name != "edit":
+      plan.append((name, name, None))
+    else:
+      plan += [("edit" if len(budgets) == 1 else f"edit ({b} budget)", "edit", b) for b in budgets]
   rows = {}
-  for name, scan in [(n, s) for n in _ATTACKERS.value for s in scans]:
+  edit_rows = []
+  for (row_name, name, budget), scan in [(p, s) for p in plan for s in scans]:
     model = transformer.with_block_scan(loaded, scan)
+    edit_config = edit_row_config(budget or "default")
     built, data, config, repeats = setup(name, model, (edit_facts, true_facts, maintain, retain), robust, edit_config)
     params, trainable, update_mask = built
     row = time_training(params, trainable, update_mask, data, config, _BENCH_STEPS.value, peak_cpu)
-    row.update(steps=config.steps, attacks=repeats)
+    row.update(steps=config.steps, attacks=repeats, microbatches=config.num_microbatches, examples=config.forget_batch_size)
     # Training cost of the whole attack: every seeded attack reuses the compiled step.
     row["training_s"] = row["compile_s"] + repeats * config.steps * row["step_s"]
     row["training_cpu_s"] = repeats * config.steps * row["step_cpu_s"]
-    name = name if len(scans) == 1 else f"{name} ({'scanned' if scan else 'block by block'})"
-    rows[name] = row
-    print(f"{name}: {row}", flush=True)
+    row_name = row_name if len(scans) == 1 else f"{row_name} ({'scanned' if scan else 'block by block'})"
+    rows[row_name] = row
+    if name == "edit":
+      edit_rows.append(row_name)
+    print(f"{row_name}: {row}", flush=True)
   print(f"\nfp32 matmul peak: {peak_cpu / 1e9:.1f} GFLOP per CPU-second (this process)")
+  for name in edit_rows:
+    r = rows[name]
+    print(f"{name}: {r['steps']} steps x {r['examples']} examples per term in {r['microbatches']} micro-batch(es)")
   header = ("attacker", "trained", "steps x attacks", "compile s", "step s", "step CPU s", "XLA GFLOP", "MFU (CPU)", "training CPU s", "vs edit")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-  edit_cpu = rows.get("edit" if len(scans) == 1 else "edit (scanned)", {}).get("training_cpu_s")
+  edit_cpu = rows[edit_rows[0]]["training_cpu_s"] if edit_rows else None
   for name, r in rows.items():
     ratio = f"{r['training_cpu_s'] / edit_cpu:.2f}x" if edit_cpu else "-"
     print(f"| {name} | {r['trained_params']:,} | {r['steps']} x {r['attacks']} | {r['compile_s']:.1f} | {r['step_s']:.2f} |"
           f" {r['step_cpu_s']:.2f} | {r['xla_gflop']:.1f} | {r['mfu_cpu_time']:.0%} | {r['training_cpu_s']:.0f} | {ratio} |")
-  if edit_cpu and len(scans) == 1:
-    attacks = sum(r["training_cpu_s"] for n, r in rows.items() if n != "edit")
-    print(f"\nall attacks' training / the edit's (CPU time): {attacks / edit_cpu:.2f}x")
+  if edit_rows and len(scans) == 1:
+    attacks = sum(r["training_cpu_s"] for n, r in rows.items() if n not in edit_rows)
+    for name in edit_rows:
+      print(f"all attacks' training / {name}'s (CPU time): {attacks / rows[name]['training_cpu_s']:.2f}x")
   if set(scans) == {True, False}:
     print("\n| attacker | trace + lower: block by block / scanned | trace + compile | step |\n|---|---|---|---|")
-    for name in _ATTACKERS.value:
+    for name, _, _ in plan:
       a, b = rows[f"{name} (block by block)"], rows[f"{name} (scanned)"]
       print(f"| {name} | {a['trace_s'] / b['trace_s']:.2f}x ({a['trace_s']:.1f} / {b['trace_s']:.1f} s) |"
             f" {a['compile_s'] / b['compile_s']:.2f}x ({a['compile_s']:.1f} / {b['compile_s']:.1f} s) |"
