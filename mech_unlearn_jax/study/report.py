@@ -72,6 +72,8 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
   invalid = _invalid_formats(data, name)
   lora = _relearn_steps(data, name, "lora")
   cols = [(f"forget_{f}", f) for f in _formats(data, name) if f not in invalid]
+  if "standard" not in invalid:  # a whole-set split: its trained half too (absent otherwise)
+    cols.insert(1, ("forget_train_standard", "standard, trained half"))
   if lora:
     cols.append((f"relearn_lora_forget_step{lora[-1]}", f"LoRA relearning, step {lora[-1]}"))
   cols += [("probe_true_mean", "probe vs true answer"), ("retain_kl", "retain KL")]
