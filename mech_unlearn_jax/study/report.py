@@ -62,7 +62,8 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
 
   Per method: seeds finished, seeds whose mask equals fact lookup's (Jaccard 1), forget
   p(true) in every format the unedited model answers above chance, the LoRA relearning
-  attack's last step, the latent probe against the true answer and the retain KL. The
+  attack's last step, the latent probe against the true answer (and the class prior on
+  the same rows, where the cells recorded it) and the retain KL. The
   README's study table is a copy of it; intervals are in the tables that follow.
   """
   name = setting.name
@@ -76,7 +77,7 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
     cols.insert(1, ("forget_train_standard", "standard, trained half"))
   if lora:
     cols.append((f"relearn_lora_forget_step{lora[-1]}", f"LoRA relearning, step {lora[-1]}"))
-  cols += [("probe_true_mean", "probe vs true answer"), ("retain_kl", "retain KL")]
+  cols += [("probe_true_mean", "probe vs true answer"), ("probe_prior_true", "probe class prior"), ("retain_kl", "retain KL")]
   cols = [(metric, title) for metric, title in cols if any((name, m, metric) in data.values for m in methods)]
   out = [
     "### Headline: forget p(true) and robustness, mean over seeds\n",
