@@ -149,3 +149,21 @@ def test_forget_rows_of_a_class_the_probes_never_saw_are_left_out(tiny_model):
   )
   assert none.retrained.forget_true_accuracy is None and none.prior_true is None
   assert none.to_json()["retrained"]["forget_true_accuracy"] is None
+
+
+def test_probe_results_of_another_protocol_are_recomputed(tmp_path):
+  from mech_unlearn_jax import io
+  from mech_unlearn_jax.experiment import robustness
+
+  path = tmp_path / "probes.json"
+  current = lambda out: out.get("protocol") == latent.PROBE_PROTOCOL
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"protocol": latent.PROBE_PROTOCOL, "value": len(calls)}
+
+  io.write_json(path, {"value": 0})  # written before results carried their protocol
+  assert robustness._staged(path, compute, current)["value"] == 1
+  assert robustness._staged(path, compute, current)["value"] == 1 and len(calls) == 1  # read back
+  assert io.read_json(path)["protocol"] == latent.PROBE_PROTOCOL

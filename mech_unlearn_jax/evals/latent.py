@@ -99,6 +99,11 @@ def last_token_residuals(model: Any, batch: FactBatch, chunk_size: int = 64) -> 
 # ----------------------------------------------------------------------------------
 # Evaluation.
 
+# Recorded with every result; stored results of another protocol are recomputed. 2:
+# accuracies count only forget rows of classes the probes were fit on, and the class
+# prior is reported (1, unversioned: every forget row counted).
+PROBE_PROTOCOL = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class LatentProbeConfig:
@@ -208,6 +213,7 @@ class LatentProbeResult:
 
   def to_json(self) -> dict[str, Any]:
     return {
+        "protocol": PROBE_PROTOCOL,
         "layers": ["embedding"] + [f"block_{i}" for i in range(self.num_layers - 1)],
         "num_classes": self.num_classes,
         "chance": self.chance,

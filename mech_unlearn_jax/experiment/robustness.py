@@ -138,10 +138,16 @@ def _eval_cells(model, tokenizer, task, formats, names, facts, targets, unlearn,
   return cells
 
 
-def _staged(path: pathlib.Path | None, fn):
-  """Runs `fn()` unless `path` holds its result; writes the result there."""
+def _staged(path: pathlib.Path | None, fn, is_current=lambda out: True):
+  """Runs `fn()` unless `path` holds its result; writes the result there.
+
+  `is_current(out)` False (an output written by code that computed something else)
+  recomputes it.
+  """
   if path is not None and path.is_file():
-    return io.read_json(path, "robustness-stage output")
+    out = io.read_json(path, "robustness-stage output")
+    if is_current(out):
+      return out
   started = time.time()
   out = fn()
   out["seconds"] = time.time() - started
@@ -223,7 +229,9 @@ def run_robustness(
       return res.to_json()
 
     with progress.stage("latent probes", release_compiled=True):
-      results["probes"] = _staged(path("probes"), probes)
+      results["probes"] = _staged(
+          path("probes"), probes, lambda out: out.get("protocol") == latent_lib.PROBE_PROTOCOL
+      )
 
   if config.soft_prompt:
     train_batch = task.fact_batch(tokenizer, std, halves.train)
