@@ -587,3 +587,7 @@ def test_headline_table_means_valid_formats_and_same_mask_counts(tmp_path):
   assert rows["fact_lookup"] == "| fact_lookup | 2 | 2 | 100 | 0.100 | 0.200 | 0.650 | 0.400 | 0.0100 |"
   assert rows["ct"] == "| ct | 2 | 1 | 100 | 0.250 | 0.500 | 0.650 | 0.400 | 0.0100 |"
   assert text in study.study_markdown(data, {})
+  per_seed = study.per_seed_markdown(data, config.settings[0])
+  assert "| ct | 1 | - | 0.500 | 1 | 0.300 | 0.600 | 0.700 | 0.400 | 0.0100 |" in per_seed
+  assert "| fact_lookup | 0 | - | 1.000 | 0.3 | 0.100 | 0.200 | 0.600 | 0.400 | 0.0100 |" in per_seed
+  assert per_seed in study.study_markdown(data, {})

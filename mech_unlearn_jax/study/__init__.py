@@ -65,7 +65,7 @@ from mech_unlearn_jax.study.comparisons import (
 )
 from mech_unlearn_jax.study.config import UNEDITED, Cell, StudyConfig, StudySetting
 from mech_unlearn_jax.study.metrics import MASK_JACCARD, cell_metrics, robustness_metrics
-from mech_unlearn_jax.study.report import headline_markdown, setting_markdown, study_markdown, table_columns, write_outputs
+from mech_unlearn_jax.study.report import headline_markdown, per_seed_markdown, setting_markdown, study_markdown, table_columns, write_outputs
 from mech_unlearn_jax.study.runner import (
     CellOutcome,
     backfill_mask_records,

@@ -57,6 +57,32 @@ def _invalid_formats(data: StudyData, setting: str) -> set[str]:
   return out
 
 
+def _headline_columns(
+    data: StudyData, name: str, methods: Sequence[str], every_attack: bool = False
+) -> list[tuple[str, str]]:
+  """(metric, title) of the headline and per-seed tables: forget p(true) in every format
+  the unedited model answers above chance (and a whole-set split's trained half), the
+  LoRA attack's last step (`every_attack`: also full-rank relearning and both soft
+  prompts), the probe and its class prior, the retain KL; only metrics some method has."""
+  invalid = _invalid_formats(data, name)
+  lora, full = _relearn_steps(data, name, "lora"), _relearn_steps(data, name, "full")
+  cols = [(f"forget_{f}", f) for f in _formats(data, name) if f not in invalid]
+  if "standard" not in invalid:  # a whole-set split: its trained half too (absent otherwise)
+    cols.insert(1, ("forget_train_standard", "standard, trained half"))
+  if lora:
+    cols.append((f"relearn_lora_forget_step{lora[-1]}", f"LoRA relearning, step {lora[-1]}"))
+  if every_attack:
+    if full:
+      cols.append((f"relearn_full_forget_step{full[-1]}", f"full-rank relearning, step {full[-1]}"))
+    cols += [("softprompt_prefix_forget", "soft prompt prefix"), ("softprompt_adapter_forget", "soft prompt adapter")]
+  cols += [("probe_true_mean", "probe vs true answer"), ("probe_prior_true", "probe class prior"), ("retain_kl", "retain KL")]
+  return [(metric, title) for metric, title in cols if any((name, m, metric) in data.values for m in methods)]
+
+
+def _value_text(metric: str, value: float | None) -> str:
+  return "-" if value is None else f"{value:.{4 if metric == 'retain_kl' else 3}f}"
+
+
 def headline_markdown(data: StudyData, setting: StudySetting) -> str:
   """One compact table per setting: mean over seeds of the metrics a reader looks at first.
 
@@ -70,15 +96,7 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
   methods = [m for m in (UNEDITED,) + data.config.methods if (name, m, "forget_standard") in data.values]
   if not methods:
     return ""
-  invalid = _invalid_formats(data, name)
-  lora = _relearn_steps(data, name, "lora")
-  cols = [(f"forget_{f}", f) for f in _formats(data, name) if f not in invalid]
-  if "standard" not in invalid:  # a whole-set split: its trained half too (absent otherwise)
-    cols.insert(1, ("forget_train_standard", "standard, trained half"))
-  if lora:
-    cols.append((f"relearn_lora_forget_step{lora[-1]}", f"LoRA relearning, step {lora[-1]}"))
-  cols += [("probe_true_mean", "probe vs true answer"), ("probe_prior_true", "probe class prior"), ("retain_kl", "retain KL")]
-  cols = [(metric, title) for metric, title in cols if any((name, m, metric) in data.values for m in methods)]
+  cols = _headline_columns(data, name, methods)
   out = [
     "### Headline: forget p(true) and robustness, mean over seeds\n",
     "Forget p(true) after the edit in each format the unedited model answers above chance; relearning"
@@ -97,9 +115,35 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
     cells = []
     for metric, _ in cols:
       by_seed = data.values.get((name, m, metric))
-      digits = 4 if metric == "retain_kl" else 3
-      cells.append("-" if not by_seed else f"{np.mean(list(by_seed.values())):.{digits}f}")
+      cells.append(_value_text(metric, float(np.mean(list(by_seed.values()))) if by_seed else None))
     out.append(f"| {m} | {seeds} | {same} | {params_text} | " + " | ".join(cells) + " |")
+  out.append("")
+  return "\n".join(out)
+
+
+def per_seed_markdown(data: StudyData, setting: StudySetting) -> str:
+  """The headline's metrics for every finished cell, with what it trained and its c_f."""
+  name = setting.name
+  summaries = {(s["method"], s["seed"]): s for s in data.summaries if s["setting"] == name}
+  if not summaries:
+    return ""
+  methods = [m for m in data.config.methods if any(k[0] == m for k in summaries)]
+  cols = _headline_columns(data, name, methods, every_attack=True)
+  out = [
+    "### Per seed\n",
+    "| method | seed | units trained | Jaccard with fact lookup | c_f | " + " | ".join(t for _, t in cols) + " |",
+    "|---|---|---|---|---|" + "---|" * len(cols),
+  ]
+  for m in methods:
+    for seed in sorted(seed for method, seed in summaries if method == m):
+      s = summaries[(m, seed)]
+      units = _units_text(s) + (f" (results of {s['reused_from']})" if "reused_from" in s else "")
+      jaccard = s["metrics"].get(MASK_JACCARD)
+      cells = [_value_text(metric, data.values.get((name, m, metric), {}).get(seed)) for metric, _ in cols]
+      out.append(
+        f"| {m} | {seed} | {units} | {'-' if jaccard is None else f'{jaccard:.3f}'} |"
+        f" {s['spec']['edit'].get('forget_coef', '-'):g} | " + " | ".join(cells) + " |"
+      )
   out.append("")
   return "\n".join(out)
 
@@ -179,6 +223,9 @@ def setting_markdown(data: StudyData, setting: StudySetting) -> str:
       f"✗ format where the unedited model is at chance in at least one seed ({sorted(invalid)}):"
       " its numbers are reported but no conclusion is drawn from them.\n"
     )
+  per_seed = per_seed_markdown(data, setting)
+  if per_seed:
+    out.append(per_seed)
   return "\n".join(out)
 
 
