@@ -15,7 +15,7 @@ from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudyConfig, StudySetting, UNEDITED
 from mech_unlearn_jax.study.metrics import MASK_JACCARD
 from mech_unlearn_jax.study.aggregate import StudyData, _fmt_interval, _formats, _relearn_steps, collect, csv_text
-from mech_unlearn_jax.study.comparisons import baseline_contrasts, baseline_markdown, claims, claims_markdown, same_mask_contrasts, same_mask_markdown
+from mech_unlearn_jax.study.comparisons import baseline_contrasts, baseline_markdown, claims, claims_markdown, same_mask_contrasts, same_mask_markdown, same_mask_seeds
 
 
 def table_columns(data: StudyData, setting: str) -> list[tuple[str, list[str]]]:
@@ -109,7 +109,7 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
   for m in methods:
     seeds = len(data.values[(name, m, "forget_standard")])
     jaccard = data.values.get((name, m, MASK_JACCARD), {})
-    same = "-" if m == UNEDITED or not jaccard else str(sum(v >= 1.0 - 1e-9 for v in jaccard.values()))
+    same = "-" if m == UNEDITED or not jaccard else str(len(same_mask_seeds(data, name, m)))
     params = data.values.get((name, m, "trained_parameters"), {})
     params_text = "-" if not params else f"{np.mean(list(params.values())):,.0f}"
     cells = []
@@ -174,14 +174,12 @@ def setting_markdown(data: StudyData, setting: StudySetting) -> str:
   out.append("Format validity (unedited model above chance on maintain facts, Wilson 95% on argmax):\n")
   out.append("| format | valid in seeds | unedited argmax accuracy (mean over seeds) | chance |")
   out.append("|---|---|---|---|")
-  invalid = set()
+  invalid = _invalid_formats(data, setting.name)
   for f in formats:
     k, n = data.format_valid(setting.name, f)
     if n == 0:
       continue
     per_seed = [v[f] for v in data.validity[setting.name].values() if f in v]
-    if k < n:
-      invalid.add(f)
     out.append(
       f"| {f} | {k}/{n} | {np.mean([v['argmax_accuracy'] for v in per_seed]):.3f} |"
       f" {np.mean([v['chance'] for v in per_seed]):.3f} |"
