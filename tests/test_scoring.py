@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mech_unlearn_jax import batch as batch_lib
+from mech_unlearn_jax import sharding
 from mech_unlearn_jax.batch import FactBatch
 from mech_unlearn_jax.data import retain
 from mech_unlearn_jax.evals import scoring
@@ -57,6 +58,35 @@ def test_text_metrics_and_kl(tiny):
   assert scoring.kl_divergence(tiny, tiny, tokens, positions) == pytest.approx(0.0, abs=1e-6)
   other = transformer.build_transformer(tiny.config, jax.random.key(4))
   assert scoring.kl_divergence(tiny, other, tokens, positions) > 1e-3
+
+
+def test_text_metrics_and_kl_unembed_one_row_at_a_time_with_the_same_values():
+  # A wide vocabulary makes the logits the largest buffer, as in the 262k-vocabulary
+  # models: the row-wise path must give the batched path's numbers with a fraction of
+  # its scratch memory (the batched path held every row's [L, V] logits at once).
+  config = dataclasses.replace(config_lib.get_preset("tiny-gemma3"), vocab_size=16_384)
+  a = transformer.build_transformer(config, jax.random.key(5))
+  b = transformer.build_transformer(config, jax.random.key(6))
+  rng = np.random.default_rng(1)
+  seqs = [[2] + rng.integers(4, 16_000, size=rng.integers(4, 24)).tolist() for _ in range(8)]
+  tokens, positions = forward.left_pad(seqs, multiple=8)
+  ua, pa = sharding.unbind_for_jit(a)
+  ub, pb = sharding.unbind_for_jit(b)
+  for fn, args in ((scoring._text_chunk, (ua, pa)), (scoring._kl_chunk, (ua, pa, ub, pb))):
+    rows = fn(*args, tokens, positions, row_wise=True)
+    batched = fn(*args, tokens, positions, row_wise=False)
+    np.testing.assert_allclose(np.asarray(rows), np.asarray(batched), rtol=1e-5)
+    temp = lambda rw: fn.lower(*args, tokens, positions, row_wise=rw).compile().memory_analysis().temp_size_in_bytes
+    one_row_logits = tokens.shape[1] * config.vocab_size * 4
+    assert temp(False) >= 8 * one_row_logits  # every row's logits at once
+    assert temp(True) < temp(False) / 3
+  # The public functions take the row-wise path on one device.
+  manual = np.asarray(scoring._text_chunk(ua, pa, tokens, positions, row_wise=False), np.float64)
+  metrics = scoring.text_metrics(a, tokens, positions, chunk_size=3)
+  assert metrics["tokens"] == int(manual[2])
+  assert metrics["loss"] == pytest.approx(manual[0] / manual[2], rel=1e-5)
+  kl = np.asarray(scoring._kl_chunk(ua, pa, ub, pb, tokens, positions, row_wise=False), np.float64)
+  assert scoring.kl_divergence(a, b, tokens, positions, chunk_size=3) == pytest.approx(kl[0] / kl[1], rel=1e-5)
 
 
 def test_shared_prefix_found_and_split():

@@ -225,13 +225,25 @@ def _next_token_terms(logits_BxLxV, tokens_BxL, positions_BxL):
   return logp, nll, correct, valid
 
 
-def _text_chunk_fn(unbound, params, tokens, positions):
-  logits = forward.full_logits(pz.bind_variables(unbound, params), tokens, positions)
-  _, nll, correct, valid = _next_token_terms(logits, tokens, positions)
-  return (nll * valid).sum(), (correct * valid).sum(), valid.sum()
+def _text_sums(logits_BxLxV, tokens_BxL, positions_BxL):
+  _, nll, correct, valid = _next_token_terms(logits_BxLxV, tokens_BxL, positions_BxL)
+  return jnp.stack([(nll * valid).sum(), (correct * valid).sum(), valid.sum().astype(jnp.float32)])
 
 
-_text_chunk = jax.jit(_text_chunk_fn)
+def _text_chunk_fn(unbound, params, tokens, positions, row_wise=True):
+  model = pz.bind_variables(unbound, params)
+  if not row_wise:
+    return _text_sums(forward.full_logits(model, tokens, positions), tokens, positions)
+  # The body on the whole chunk, the 262k-way unembedding one row at a time: the
+  # chunk's [B, L, V] logits and log-probabilities were the edited evaluation's peak.
+  hidden = forward.residual_stream(model, tokens, positions)
+  per_row = forward.map_vocab_rows(
+      lambda h, t, p: _text_sums(forward.unembed(model, h), t, p), hidden, tokens, positions
+  )
+  return per_row.sum(axis=0)
+
+
+_text_chunk = jax.jit(_text_chunk_fn, static_argnames="row_wise")
 
 
 def _text_rows(mesh, tokens_BxL, positions_BxL):
@@ -243,47 +255,64 @@ def _text_rows(mesh, tokens_BxL, positions_BxL):
   return sharding.shard_batch((tokens, positions), mesh)
 
 
+# On a mesh the chunk's rows are split over "data", so each device already holds only
+# its share of the logits; the rows are unembedded together there.
+_text_chunk_batched = functools.partial(_text_chunk_fn, row_wise=False)
+
+
 def text_metrics(model: Any, tokens_BxL, positions_BxL, chunk_size: int = 8) -> dict[str, float]:
   """Mean next-token cross-entropy and accuracy over real positions."""
   unbound, params = sharding.unbind_for_jit(model)
   mesh = sharding.mesh_of((unbound, params))
-  run = _text_chunk if mesh is None else _replicated_out(_text_chunk_fn, mesh)
+  run = _text_chunk if mesh is None else _replicated_out(_text_chunk_batched, mesh)
   totals = np.zeros(3)
   for start in range(0, tokens_BxL.shape[0], chunk_size):
     sl = slice(start, start + chunk_size)
     rows = (tokens_BxL[sl], positions_BxL[sl]) if mesh is None else _text_rows(mesh, tokens_BxL[sl], positions_BxL[sl])
-    totals += np.array([float(x) for x in run(unbound, params, *rows)])
+    totals += np.asarray(run(unbound, params, *rows), np.float64)
   return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "tokens": int(totals[2])}
 
 
-def _kl_chunk_fn(unbound_a, params_a, unbound_b, params_b, tokens, positions):
-  la = forward.full_logits(pz.bind_variables(unbound_a, params_a), tokens, positions)
-  lb = forward.full_logits(pz.bind_variables(unbound_b, params_b), tokens, positions)
+def _kl_sums(la, lb, positions):
   pa = jax.nn.log_softmax(la.astype(jnp.float32), -1)
   pb = jax.nn.log_softmax(lb.astype(jnp.float32), -1)
   kl = (jnp.exp(pa) * (pa - pb)).sum(-1)
   valid = positions >= 0
-  return (kl * valid).sum(), valid.sum()
+  return jnp.stack([(kl * valid).sum(), valid.sum().astype(jnp.float32)])
 
 
-_kl_chunk = jax.jit(_kl_chunk_fn)
+def _kl_chunk_fn(unbound_a, params_a, unbound_b, params_b, tokens, positions, row_wise=True):
+  a = pz.bind_variables(unbound_a, params_a)
+  b = pz.bind_variables(unbound_b, params_b)
+  if not row_wise:
+    return _kl_sums(forward.full_logits(a, tokens, positions), forward.full_logits(b, tokens, positions), positions)
+  ha = forward.residual_stream(a, tokens, positions)
+  hb = forward.residual_stream(b, tokens, positions)
+  per_row = forward.map_vocab_rows(
+      lambda x, y, p: _kl_sums(forward.unembed(a, x), forward.unembed(b, y), p), ha, hb, positions
+  )
+  return per_row.sum(axis=0)
+
+
+_kl_chunk = jax.jit(_kl_chunk_fn, static_argnames="row_wise")
+_kl_chunk_batched = functools.partial(_kl_chunk_fn, row_wise=False)
 
 
 def kl_divergence(original: Any, edited: Any, tokens_BxL, positions_BxL, chunk_size: int = 4) -> float:
   """Mean per-token KL(original || edited) of next-token distributions on text.
 
-  Chunks of 4 windows: both models' full-vocabulary logits are live at once (0.25 GiB
-  for the 270M model at 32 tokens a window), which sets the edited evaluation's peak.
+  On one device both models' full-vocabulary logits are formed one window at a time
+  (`forward.map_vocab_rows`), so the chunk size sets the body's batch, not the peak.
   """
   ua, pa = sharding.unbind_for_jit(original)
   ub, pb = sharding.unbind_for_jit(edited)
   mesh = sharding.mesh_of((ua, pa, ub, pb))
-  run = _kl_chunk if mesh is None else _replicated_out(_kl_chunk_fn, mesh)
+  run = _kl_chunk if mesh is None else _replicated_out(_kl_chunk_batched, mesh)
   total, count = 0.0, 0
   for start in range(0, tokens_BxL.shape[0], chunk_size):
     sl = slice(start, start + chunk_size)
     rows = (tokens_BxL[sl], positions_BxL[sl]) if mesh is None else _text_rows(mesh, tokens_BxL[sl], positions_BxL[sl])
-    kl, n = run(ua, pa, ub, pb, *rows)
+    kl, n = np.asarray(run(ua, pa, ub, pb, *rows), np.float64)
     total, count = total + float(kl), count + int(n)
   return total / max(count, 1)
 

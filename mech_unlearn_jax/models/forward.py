@@ -91,6 +91,24 @@ def residual_stream(model: CausalLM, tokens_BxL, positions_BxL, **side_inputs) -
   return hidden.untag("batch", "seq", "embedding").unwrap()
 
 
+def unembed(model: CausalLM, hidden_BxLxD: jax.Array) -> jax.Array:
+  """Vocabulary logits [B, L, V] of final-normed residual vectors (`residual_stream`)."""
+  hidden = pz.nx.wrap(hidden_BxLxD).tag("batch", "seq", "embedding")
+  return model.unembed(hidden).untag("batch", "seq", "vocabulary").unwrap()
+
+
+def map_vocab_rows(row_fn, hidden_BxLxD: jax.Array, *row_args: jax.Array):
+  """`row_fn(hidden_1xLxD, *args_1x...)` for one row at a time (`jax.lax.map`), stacked.
+
+  For reductions over full-vocabulary logits (text loss, KL): the body runs once on
+  the whole batch, and only one row's [L, V] logits are live at a time, a 1/B share of
+  what unembedding the batch at once holds (262k-way vocabulary: ~1 MiB per token).
+  """
+  return jax.lax.map(
+      lambda xs: row_fn(*(x[None] for x in xs)), (hidden_BxLxD, *row_args)
+  )
+
+
 def _frozen_last_logits(unbound, params, tokens_BxL, positions_BxL):
   return last_logits(pz.bind_variables(unbound, params), tokens_BxL, positions_BxL)
 
