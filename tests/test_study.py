@@ -1,6 +1,7 @@
 """The reproduction study: config, intervals, claims, and a tiny study end to end."""
 
 import csv
+import json
 import dataclasses
 import math
 import shutil
@@ -591,3 +592,42 @@ def test_headline_table_means_valid_formats_and_same_mask_counts(tmp_path):
   assert "| ct | 1 | - | 0.500 | 1 | 0.300 | 0.600 | 0.700 | 0.400 | 0.0100 |" in per_seed
   assert "| fact_lookup | 0 | - | 1.000 | 0.3 | 0.100 | 0.200 | 0.600 | 0.400 | 0.0100 |" in per_seed
   assert per_seed in study.study_markdown(data, {})
+
+
+def test_neighborhood_is_reported_as_a_side_effect_not_a_forget_format(tmp_path):
+  # CounterFact neighborhood prompts are about other subjects with the same true object:
+  # their p(true) should stay high, so it is not a forget format in the headline, Table 1,
+  # the formats claim or the formats figure, but a labelled side-effect column.
+  config = study.StudyConfig(
+    settings=(study.StudySetting("cf", "counterfact", "random_16"),), methods=("fact_lookup", "ct"), seeds=(0, 1),
+  )
+  unedited = {"forget_standard": 0.7, "forget_paraphrase": 0.2, "forget_neighborhood": 0.2, "retain_kl": 0.0}
+  for seed in config.seeds:
+    for method, p in (("fact_lookup", 0.1), ("ct", 0.3)):
+      m = {
+        "forget_standard": p, "edit_standard": 0.9, "forget_paraphrase": p, "edit_paraphrase": 0.5,
+        "forget_neighborhood": 0.4 + 0.1 * seed, "edit_neighborhood": 0.02, "maintain_standard": 0.9,
+        "retain_kl": 0.01 + 0.01 * seed, "trained_parameters": 100,
+      }
+      s = _summary("cf", method, seed, m, unedited, valid=("standard", "paraphrase", "neighborhood"))
+      s["spec"]["eval"]["formats"] = ["standard", "paraphrase", "neighborhood", "mc"]
+      s["format_validity"] = {
+        f: dict(s["format_validity"]["standard"], format=f, valid=f != "mc")
+        for f in ("standard", "paraphrase", "neighborhood", "mc")
+      }
+      io.write_json(tmp_path / "cells" / f"cf__{method}__seed{seed}.json", s)
+  data = study.collect(config, tmp_path)
+  header = next(l for l in study.headline_markdown(data, config.settings[0]).splitlines() if l.startswith("| method |"))
+  assert header == (
+    "| method | seeds | same mask | trained parameters | standard | paraphrase | neighborhood p(true), side effect |"
+    " retain KL |"
+  )
+  tables = dict(study.table_columns(data, "cf"))
+  t1, t3 = (cols for title, cols in tables.items() if title.startswith(("Table 1", "Table 3")))
+  assert "forget_neighborhood" not in t1 and "forget_paraphrase" in t1
+  assert {"forget_neighborhood", "edit_neighborhood"} <= set(t3)
+  claims = {c["claim"]: c for c in study.claims(data) if c["setting"] == "cf"}
+  formats_claim = next(c for k, c in claims.items() if "formats" in k)
+  side_claim = next(c for k, c in claims.items() if "side effects" in k)
+  assert "forget_neighborhood" not in json.dumps(formats_claim)
+  assert "forget_neighborhood" in json.dumps(side_claim)

@@ -180,6 +180,17 @@ def _formats(data: StudyData, setting: str) -> list[str]:
   return []
 
 
+# Formats whose "forget" prompts are about *other* subjects (CounterFact neighborhood:
+# other subjects that share the forget fact's true object): their p(true) should stay
+# high, a side effect of the edit, not a measure of forgetting.
+SIDE_EFFECT_FORMATS = ("neighborhood",)
+
+
+def _forget_formats(data: StudyData, setting: str) -> list[str]:
+  """The setting's formats that measure the edited facts themselves (standard first)."""
+  return [f for f in _formats(data, setting) if f not in SIDE_EFFECT_FORMATS]
+
+
 def _relearn_steps(data: StudyData, setting: str, kind: str) -> list[int]:
   prefix = f"relearn_{kind}_forget_step"
   return sorted(

@@ -20,7 +20,9 @@ from mech_unlearn_jax.study.config import StudySetting, UNEDITED
 from mech_unlearn_jax.study.metrics import MASK_JACCARD
 from mech_unlearn_jax.study.aggregate import (
     Interval,
+    SIDE_EFFECT_FORMATS,
     StudyData,
+    _forget_formats,
     _formats,
     _relearn_steps,
     excludes_zero,
@@ -137,8 +139,10 @@ def _verdict(comparisons: Sequence[Comparison]) -> str:
 def _claim_specs(data: StudyData, setting: str) -> list[tuple[str, list[tuple[str, bool]], list[str]]]:
   """A fact-set setting's claims: (claim, [(metric, lower is better)], formats left out
   because the unedited model answers them at chance)."""
-  formats = [f for f in _formats(data, setting) if f not in ("standard", "neighborhood")]
-  valid = [f for f in formats if (lambda kn: kn[1] > 0 and kn[0] == kn[1])(data.format_valid(setting, f))]
+  is_valid = lambda f: (lambda kn: kn[1] > 0 and kn[0] == kn[1])(data.format_valid(setting, f))
+  formats = [f for f in _forget_formats(data, setting) if f != "standard"]
+  valid = [f for f in formats if is_valid(f)]
+  neighbors = [f for f in _formats(data, setting) if f in SIDE_EFFECT_FORMATS]
   return [
     (
       "fact-lookup edits generalize to other prompt formats (lower forget p(true))",
@@ -161,8 +165,9 @@ def _claim_specs(data: StudyData, setting: str) -> list[tuple[str, list[tuple[st
     ),
     (
       "fact-lookup edits have fewer side effects (maintain, retain KL, trivia, neighbors)",
-      [("maintain_standard", False), ("retain_kl", True), ("trivia_accuracy", False), ("forget_neighborhood", False)],
-      [],
+      [("maintain_standard", False), ("retain_kl", True), ("trivia_accuracy", False)]
+      + [(f"forget_{f}", False) for f in neighbors if is_valid(f)],
+      [f for f in neighbors if not is_valid(f)],
     ),
   ]
 

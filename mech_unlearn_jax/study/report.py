@@ -14,7 +14,7 @@ from mech_unlearn_jax import io
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudyConfig, StudySetting, UNEDITED
 from mech_unlearn_jax.study.metrics import MASK_JACCARD
-from mech_unlearn_jax.study.aggregate import StudyData, _fmt_interval, _formats, _relearn_steps, collect, csv_text
+from mech_unlearn_jax.study.aggregate import SIDE_EFFECT_FORMATS, StudyData, _fmt_interval, _forget_formats, _formats, _relearn_steps, collect, csv_text
 from mech_unlearn_jax.study.comparisons import baseline_contrasts, baseline_markdown, claims, claims_markdown, same_mask_contrasts, same_mask_markdown, same_mask_seeds
 
 
@@ -24,12 +24,13 @@ def table_columns(data: StudyData, setting: str) -> list[tuple[str, list[str]]]:
   formats = _formats(data, setting)
   # forget_train_* / edit_train_*: a whole-set split's trained half (the rest: held out).
   t1 = ["forget_standard", "edit_standard", "forget_train_standard", "edit_train_standard", "maintain_standard"]
-  t1 += [f"{role}_{f}" for f in formats if f != "standard" for role in ("forget", "edit")]
+  t1 += [f"{role}_{f}" for f in _forget_formats(data, setting) if f != "standard" for role in ("forget", "edit")]
   lora, full = _relearn_steps(data, setting, "lora"), _relearn_steps(data, setting, "full")
   t2 = [f"relearn_lora_forget_step{s}" for s in lora if s > 0]
   t2 += [f"relearn_full_forget_step{full[-1]}"] if full else []
   t2 += ["probe_true_mean", "probe_edit_mean", "softprompt_prefix_forget", "softprompt_adapter_forget"]
   t3 = [f"maintain_{f}" for f in formats if f != "standard"]
+  t3 += [f"{role}_{f}" for f in formats if f in SIDE_EFFECT_FORMATS for role in ("forget", "edit")]
   t3 += ["trivia_accuracy", "mc_benchmark_accuracy", "retain_kl", "trained_parameters", MASK_JACCARD, "cell_seconds"]
   tables = [
     ("Table 1: edit and forget accuracy by prompt format", t1),
@@ -66,7 +67,7 @@ def _headline_columns(
   prompts), the probe and its class prior, the retain KL; only metrics some method has."""
   invalid = _invalid_formats(data, name)
   lora, full = _relearn_steps(data, name, "lora"), _relearn_steps(data, name, "full")
-  cols = [(f"forget_{f}", f) for f in _formats(data, name) if f not in invalid]
+  cols = [(f"forget_{f}", f) for f in _forget_formats(data, name) if f not in invalid]
   if "standard" not in invalid:  # a whole-set split: its trained half too (absent otherwise)
     cols.insert(1, ("forget_train_standard", "standard, trained half"))
   if lora:
@@ -75,7 +76,10 @@ def _headline_columns(
     if full:
       cols.append((f"relearn_full_forget_step{full[-1]}", f"full-rank relearning, step {full[-1]}"))
     cols += [("softprompt_prefix_forget", "soft prompt prefix"), ("softprompt_adapter_forget", "soft prompt adapter")]
-  cols += [("probe_true_mean", "probe vs true answer"), ("probe_prior_true", "probe class prior"), ("retain_kl", "retain KL")]
+  cols += [("probe_true_mean", "probe vs true answer"), ("probe_prior_true", "probe class prior")]
+  # Side-effect formats keep their own, labelled column: there higher is better.
+  cols += [(f"forget_{f}", f"{f} p(true), side effect") for f in _formats(data, name) if f in SIDE_EFFECT_FORMATS and f not in invalid]
+  cols += [("retain_kl", "retain KL")]
   return [(metric, title) for metric, title in cols if any((name, m, metric) in data.values for m in methods)]
 
 
@@ -306,7 +310,7 @@ def plot_probes(data: StudyData, setting: str, path: pathlib.Path) -> bool:
 
 def plot_formats_vs_side_effects(data: StudyData, setting: str, path: pathlib.Path) -> bool:
   """Forget p(true) in each non-standard format vs side effects (retain KL, maintain)."""
-  formats = [f for f in _formats(data, setting) if f != "standard" and f"forget_{f}" in data.metrics(setting)]
+  formats = [f for f in _forget_formats(data, setting) if f != "standard" and f"forget_{f}" in data.metrics(setting)]
   xs_metrics = [m for m in ("retain_kl", "maintain_standard") if m in data.metrics(setting)]
   if not formats or not xs_metrics:
     return False
