@@ -58,6 +58,17 @@ def test_counterfact_reports_full_vocabulary_p():
   rows = report.summarize(before, after, "prob_full")
   assert [r["edited_prob"] for r in rows] == [0.05, 0.3]
   assert "full-vocabulary" in report.markdown_table(rows, {})
+  # Letter multiple choice answers with an option letter: its p is normalized over the
+  # letters in CounterFact runs too (a letter's full-vocabulary p is not an accuracy),
+  # in the results table and the relearning rows alike.
+  mc = lambda answer, pn, pf: dict(cell(answer, pn, pf), format="mc")
+  rows = report.summarize({"cells": [mc("correct", 0.4, 0.01)]}, {"cells": [mc("correct", 0.3, 0.02)]}, "prob_full")
+  assert (rows[0]["unedited_prob"], rows[0]["edited_prob"], rows[0]["measure"]) == (0.4, 0.3, "prob_normalized")
+  table = report.markdown_table(rows + report.summarize(before, after, "prob_full"), {})
+  assert "letter multiple choice: normalized over the option letters" in table
+  robust = {"edited": {"relearn_lora": {"curve": {"0": {"cells": [mc("correct", 0.4, 0.01), cell("correct", 0.9, 0.6)]}}}}}
+  (row,) = report.relearn_rows(robust, ["standard", "mc"], "prob_full")
+  assert (row["standard"], row["mc"]) == (0.6, 0.4)
 
 
 def _identical_rows_batch(n=4):

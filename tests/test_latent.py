@@ -141,6 +141,14 @@ def test_forget_rows_of_a_class_the_probes_never_saw_are_left_out(tiny_model):
   assert (result.prior_true, result.prior_edit) == (0.0, 1.0)
   out = result.to_json()
   assert out["retrained"]["num_forget_true"] == 4 and out["prior_true"] == 0.0
+  # Held-out maintain rows likewise: a class-2 row cannot count against the probe.
+  mixed = latent.latent_probe_eval(
+      tiny_model, class_batch(1, train_y), train_y, class_batch(2, [0, 1, 2, 2, 2, 2]), [0, 1, 2, 2, 2, 2],
+      class_batch(3, forget_y), forget_y, None, num_classes=3,
+      config=latent.LatentProbeConfig(probe=ProbeConfig(steps=200), chunk_size=32),
+  )
+  assert mixed.retrained.num_heldout == 2 and mixed.retrained.heldout_accuracy[0] == 1.0
+  assert mixed.to_json()["retrained"]["num_heldout"] == 2
   # No forget row of a seen class: no true accuracy at all (not a 0).
   none = latent.latent_probe_eval(
       tiny_model, class_batch(1, train_y), train_y, class_batch(2, [0, 1]), [0, 1],

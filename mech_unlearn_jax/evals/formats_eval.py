@@ -20,6 +20,21 @@ from mech_unlearn_jax.data.formats import FormattedPrompt, PromptFormat
 from mech_unlearn_jax.evals import scoring
 
 
+# Formats whose answer is an option letter: their "accuracy" is p normalized over the
+# letters for every task (a letter's full-vocabulary p says little about the choice).
+LETTER_FORMATS = ("mc",)
+
+
+def accuracy_fields(full_vocabulary: bool, fmt: str) -> tuple[str, str]:
+  """(probability field, argmax field) of a `FormatScore` that is the paper's
+  "accuracy" in format `fmt`: with `full_vocabulary` (CounterFact) the full-vocabulary
+  p of the first target token and top-1 over the vocabulary, except in letter formats;
+  otherwise (sports) p and argmax normalized over the candidate answers."""
+  if full_vocabulary and fmt not in LETTER_FORMATS:
+    return "prob_full", "argmax_full"
+  return "prob_normalized", "argmax_candidates"
+
+
 def prompts_to_batch(
     tokenizer: Any,
     prompts: Sequence[FormattedPrompt],

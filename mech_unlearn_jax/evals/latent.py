@@ -99,10 +99,11 @@ def last_token_residuals(model: Any, batch: FactBatch, chunk_size: int = 64) -> 
 # ----------------------------------------------------------------------------------
 # Evaluation.
 
-# Recorded with every result; stored results of another protocol are recomputed. 2:
-# accuracies count only forget rows of classes the probes were fit on, and the class
-# prior is reported (1, unversioned: every forget row counted).
-PROBE_PROTOCOL = 2
+# Recorded with every result; stored results of another protocol are recomputed. 3:
+# the held-out maintain accuracy, too, counts only rows of classes the probes were fit
+# on (CounterFact: hundreds of answer classes, many held-out ones unseen). 2: forget
+# rows likewise, and the class prior reported. 1 (unversioned): every row counted.
+PROBE_PROTOCOL = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,14 +149,15 @@ class LatentProbeScores:
   """
 
   train_accuracy: np.ndarray
-  heldout_accuracy: np.ndarray
-  heldout_interval: np.ndarray
+  heldout_accuracy: np.ndarray | None
+  heldout_interval: np.ndarray | None
   forget_true_accuracy: np.ndarray | None
   forget_true_interval: np.ndarray | None
   forget_edit_accuracy: np.ndarray | None = None
   forget_edit_interval: np.ndarray | None = None
   num_forget_edit: int = 0
   num_forget_true: int = 0
+  num_heldout: int = 0
 
   def means(self) -> dict[str, float]:
     """Mean and max over layers of each accuracy (max: the most decodable layer)."""
@@ -170,8 +172,9 @@ class LatentProbeScores:
   def to_json(self) -> dict[str, Any]:
     out = {
         "train_accuracy": _layer_list(self.train_accuracy),
-        "heldout_accuracy": _layer_list(self.heldout_accuracy),
-        "heldout_interval95": _interval_list(self.heldout_interval),
+        "heldout_accuracy": None if self.heldout_accuracy is None else _layer_list(self.heldout_accuracy),
+        "heldout_interval95": None if self.heldout_interval is None else _interval_list(self.heldout_interval),
+        "num_heldout": self.num_heldout,
         "forget_true_accuracy": None,
         "forget_true_interval95": None,
         "num_forget_true": self.num_forget_true,
@@ -236,27 +239,28 @@ def score_probes(
 ) -> LatentProbeScores:
   """Accuracies of fitted probes on the train, held-out and forget activations.
 
-  Forget labels of -1 (a class the probes were not fit on) are left out of that
-  accuracy; with no row left it is None.
+  Held-out and forget labels of -1 (a class the probes were not fit on) are left out
+  of that accuracy; with no row left it is None.
   """
-  heldout_acc, heldout_int = probes_lib.accuracy_with_interval(probes.predict(heldout_acts), heldout_labels)
-  forget_pred = probes.predict(forget_acts)
 
-  def scored(labels):
+  def scored(predictions, labels):
     if labels is None:
       return None, None, 0
     labels = np.asarray(labels)
     keep = labels >= 0
     if not keep.any():
       return None, None, 0
-    return (*probes_lib.accuracy_with_interval(forget_pred[:, keep], labels[keep]), int(keep.sum()))
+    return (*probes_lib.accuracy_with_interval(predictions[:, keep], labels[keep]), int(keep.sum()))
 
-  true_acc, true_int, num_true = scored(forget_true_labels)
-  edit_acc, edit_int, num_edit = scored(forget_edit_labels)
+  heldout_acc, heldout_int, num_heldout = scored(probes.predict(heldout_acts), heldout_labels)
+  forget_pred = probes.predict(forget_acts)
+  true_acc, true_int, num_true = scored(forget_pred, forget_true_labels)
+  edit_acc, edit_int, num_edit = scored(forget_pred, forget_edit_labels)
   return LatentProbeScores(
       train_accuracy=np.asarray(probes.accuracy(train_acts, train_labels)),
       heldout_accuracy=heldout_acc,
       heldout_interval=heldout_int,
+      num_heldout=num_heldout,
       forget_true_accuracy=true_acc,
       forget_true_interval=true_int,
       forget_edit_accuracy=edit_acc,
@@ -337,6 +341,7 @@ def latent_probe_eval(
       )
     forget_edit = edit.astype(np.int32)
   seen = np.unique(train_labels)
+  heldout_labels = _unseen_to_minus_one(heldout_labels, seen)
   forget_true = _unseen_to_minus_one(forget_true, seen)
   if forget_edit is not None:
     forget_edit = _unseen_to_minus_one(forget_edit, seen)

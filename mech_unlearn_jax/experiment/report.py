@@ -42,18 +42,26 @@ def summarize(
       continue
     rows.append({
         "format": c["format"], "facts": c["facts"], "answer": c["answer"], "n": c["n"],
-        "unedited_prob": c[measure], "edited_prob": e[measure], "measure": measure,
+        **_probs(c, e, measure),
         "unedited_argmax": c["argmax_candidates"], "edited_argmax": e["argmax_candidates"],
         "unedited_prob_full": c["prob_full"], "edited_prob_full": e["prob_full"],
     })
   return rows
 
 
+def _field(measure: str, fmt: str) -> str:
+  """The cell field holding `measure` in `fmt` (letter formats: normalized over the letters)."""
+  return formats_eval.accuracy_fields(measure == "prob_full", fmt)[0]
+
+
+def _probs(before_cell: Mapping[str, Any], after_cell: Mapping[str, Any], measure: str) -> dict[str, Any]:
+  field = _field(measure, before_cell["format"])
+  return {"unedited_prob": before_cell[field], "edited_prob": after_cell[field], "measure": field}
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], validity: Mapping[str, Any]) -> str:
-  measure = rows[0].get("measure", "prob_normalized") if rows else "prob_normalized"
   lines = [
-      "p = " + ("full-vocabulary probability of the answer's first token" if measure == "prob_full"
-                else "probability normalized over the candidate answers") + "\n",
+      "p = " + _measure_text({r.get("measure", "prob_normalized") for r in rows}) + "\n",
       "| format | facts | answer | n | unedited p | edited p | unedited argmax | edited argmax | format valid (unedited above chance) |",
       "|---|---|---|---|---|---|---|---|---|",
   ]
@@ -99,7 +107,8 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: pathlib.Path, title: s
   ax.bar(x - 0.2, [r["unedited_prob"] for r in rows], 0.4, label="unedited")
   ax.bar(x + 0.2, [r["edited_prob"] for r in rows], 0.4, label="edited")
   ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
-  ax.set_ylabel("probability (normalized over candidates)")
+  full = any(r.get("measure") == "prob_full" for r in rows)
+  ax.set_ylabel("full-vocabulary probability" if full else "probability (normalized over candidates)")
   ax.set_ylim(0, 1)
   ax.set_title(title, fontsize=9)
   ax.legend()
@@ -108,8 +117,18 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: pathlib.Path, title: s
 
 
 def _measure(results: Mapping[str, Any]) -> str:
-  rows = results.get("summary") or [{}]
-  return rows[0].get("measure", "prob_normalized")
+  """The run's measure: "prob_full" if any format reports it (letter formats aside)."""
+  fields = {r.get("measure", "prob_normalized") for r in results.get("summary") or [{}]}
+  return "prob_full" if "prob_full" in fields else "prob_normalized"
+
+
+def _measure_text(fields: set[str]) -> str:
+  if "prob_full" not in fields:
+    return "probability normalized over the candidate answers"
+  letters = "prob_normalized" in fields
+  return "full-vocabulary probability of the answer's first token" + (
+      " (letter multiple choice: normalized over the option letters)" if letters else ""
+  )
 
 
 def write_if_changed(path: pathlib.Path, text: str) -> bool:
@@ -152,7 +171,7 @@ def coincidence_markdown(coincidence: Mapping[str, Any]) -> str:
 def _cell_p(cells, fmt, answer="correct", measure="prob_normalized"):
   for c in cells:
     if c["format"] == fmt and c["answer"] == answer:
-      return c[measure]
+      return c[_field(measure, fmt)]
   return None
 
 
@@ -221,7 +240,7 @@ def robustness_markdown(
             f" {_fmt(res.get('chance'))} | {_fmt(res.get('prior_true'))} / {_fmt(res.get('prior_edit'))} |"
         )
     out.append(
-        "Accuracies count the forget rows whose class the probes were fit on (a probe cannot predict"
+        "Accuracies count the held-out and forget rows whose class the probes were fit on (a probe cannot predict"
         " another); class prior: always predicting the most frequent training class, on the same rows.\n"
     )
   sp = [(m, k) for m in ("unedited", "edited") for k in ("softprompt_prefix", "softprompt_adapter") if k in robust.get(m, {})]

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from mech_unlearn_jax.evals import formats_eval
+
 
 def _measure(task: str, fmt: str) -> tuple[str, str]:
   """(probability field, argmax field) of a format's cells (see the module docstring)."""
-  if task == "counterfact" and fmt != "mc":
-    return "prob_full", "argmax_full"
-  return "prob_normalized", "argmax_candidates"
+  return formats_eval.accuracy_fields(task == "counterfact", fmt)
 
 
 def _put(out: dict[str, float], name: str, value: Any) -> None:
