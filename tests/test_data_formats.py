@@ -1,6 +1,7 @@
 """Prompt formats: exact texts, candidate answers, seeded MC shuffles, one-token checks."""
 
 import collections
+import dataclasses
 import re
 
 import pytest
@@ -206,3 +207,24 @@ def test_answers_are_single_gemma_tokens():
     ids = sports_format.answer_token_ids(tokenizer)
     assert len(set(ids)) == len(ids)
   assert len(set(sports_formats()["mc"].answer_token_ids(tokenizer))) == 4
+
+
+def test_format_validity_counts_facts_not_prompts(monkeypatch):
+  # Three neighborhood prompts per fact: 2 facts, 6 prompts, all answered right. As 6
+  # independent prompts the Wilson interval would clear the 2-way chance (0.5); as the
+  # 2 facts they are, it does not.
+  from mech_unlearn_jax.evals import formats_eval
+
+  class Scores:
+    def summary(self):
+      return {"n": 6, "prob_normalized": 0.9, "prob_full": 0.3, "argmax_candidates": 1.0, "argmax_full": 1.0}
+
+  monkeypatch.setattr(formats_eval, "prompts_to_batch", lambda tok, prompts, *a: (object(), [True] * len(prompts)))
+  monkeypatch.setattr(formats_eval.scoring, "score_facts", lambda *a, **k: Scores())
+  fmt = counterfact_formats(few_shot=[_cf_fact(100 + i) for i in range(9)])["neighborhood"]
+  score = formats_eval.evaluate_format(None, None, fmt, [_cf_fact(0), _cf_fact(1)], "maintain")
+  assert (score.n, score.num_facts) == (6, 2)
+  validity = formats_eval.format_validity(score)
+  assert validity["num_facts"] == 2 and validity["interval95"][0] < 0.5 and not validity["valid"]
+  as_prompts = formats_eval.format_validity(dataclasses.replace(score, num_facts=None))  # a cell recorded before
+  assert as_prompts["num_facts"] == 6 and as_prompts["valid"]

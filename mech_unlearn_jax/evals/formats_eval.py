@@ -89,6 +89,9 @@ class FormatScore:
   argmax_candidates: float
   argmax_full: float
   chance: float
+  # Facts behind the n prompts (CounterFact: 2 paraphrases, 10 neighborhood prompts
+  # per fact); None in cells recorded before it was (then n stands in).
+  num_facts: int | None = None
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -109,7 +112,7 @@ def evaluate_format(
   if not facts:
     return None
   prompts = fmt.format_batch(list(facts), edit_targets)
-  batch, _ = prompts_to_batch(tokenizer, prompts, answer, first_token_only)
+  batch, keep = prompts_to_batch(tokenizer, prompts, answer, first_token_only)
   if batch is None:
     return None
   scores = scoring.score_facts(model, batch, chunk_size=batch_size)
@@ -119,15 +122,24 @@ def evaluate_format(
       format=fmt.name, facts=facts_name, answer=answer, n=s["n"],
       prob_normalized=s["prob_normalized"], prob_full=s["prob_full"],
       argmax_candidates=s["argmax_candidates"], argmax_full=s["argmax_full"], chance=chance,
+      num_facts=len({p.fact_index for p, k in zip(prompts, keep) if k}),
   )
 
 
 def format_validity(score: FormatScore) -> dict[str, Any]:
-  """Is the unedited model above chance in this format? (Wilson 95% on argmax.)"""
-  low, high = wilson_interval(score.argmax_candidates * score.n, score.n)
+  """Is the unedited model above chance in this format? (Wilson 95% on argmax.)
+
+  Argmax is over the candidate answers (CounterFact: true vs false target, chance
+  0.5). The interval counts facts, not prompts: a fact's several prompts (paraphrases,
+  neighborhood prompts) are not independent draws, so their accuracy enters as that
+  many facts' worth of evidence, which widens the interval where prompts outnumber facts.
+  """
+  n = score.num_facts or score.n
+  low, high = wilson_interval(score.argmax_candidates * n, n)
   return {
       "format": score.format,
       "n": score.n,
+      "num_facts": n,
       "argmax_accuracy": score.argmax_candidates,
       "interval95": [low, high],
       "chance": score.chance,
