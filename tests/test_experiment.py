@@ -125,12 +125,23 @@ def test_counterfact_tiny_end_to_end(tmp_path, reference_data_dir):
   config = counterfact_16.get_config("tiny")
   config.data.counterfact_path = str(reference_data_dir / "counterfact_with_prompts.csv")
   config.data.counterfact_mc_path = str(reference_data_dir / "counterfact_mc_questions.parquet")
-  config.eval.formats = ("standard", "mc")
+  # Every CounterFact format, and the paper's CounterFact rule picking the layers (the
+  # study's cells run it; the tiny variant otherwise fixes them).
+  config.localize.layers = ()
   spec = experiment.ExperimentSpec.from_dict(config.to_dict())
   results = experiment.run_experiment(spec, tmp_path)
   assert results["split"]["few_shot"] == 64 and results["split"]["forget_train"] == 4
-  assert {r["format"] for r in results["summary"]} == {"standard", "mc"}
+  assert {r["format"] for r in results["summary"]} == {"standard", "paraphrase", "neighborhood", "mc"}
   assert results["knowledge"]["measure"] == "prob_full"
+  assert results["localization"]["flu_layers"]
+  # Full-vocabulary p of the first target token, except letter MC (over the letters).
+  assert {r["format"]: r["measure"] for r in results["summary"]} == {
+      "standard": "prob_full", "paraphrase": "prob_full", "neighborhood": "prob_full", "mc": "prob_normalized",
+  }
+  # Validity counts facts: two paraphrases and ~10 neighborhood prompts per fact.
+  validity = results["format_validity"]
+  assert validity["paraphrase"]["n"] == 2 * validity["paraphrase"]["num_facts"]
+  assert validity["neighborhood"]["n"] > validity["neighborhood"]["num_facts"]
 
 
 def test_counterfact_sequential_rounds(tmp_path, reference_data_dir):
