@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import sports_first16
-from mech_unlearn_jax import experiment
+from mech_unlearn_jax import experiment, io
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.experiment import stages
 from mech_unlearn_jax.models import loaders, transformer
@@ -48,6 +48,15 @@ def test_main_job_tiny_end_to_end_and_rerun_changes_nothing(tmp_path):
   assert again["summary"] == results["summary"]
   assert again["edit_history"] == results["edit_history"]
   assert _snapshot(tmp_path) == before
+  assert results["measure"] == "prob_normalized"
+  # An evaluation recorded before cells counted their facts is recomputed (format
+  # validity would otherwise count prompts), with the same scores.
+  stale = tmp_path / "evaluation" / "unedited.json"
+  recorded = io.read_json(stale)
+  io.write_json(stale, dict(recorded, cells=[{k: v for k, v in c.items() if k != "num_facts"} for c in recorded["cells"]]))
+  again = experiment.run_experiment(spec, tmp_path)
+  assert io.read_json(stale)["cells"] == recorded["cells"]
+  assert again["summary"] == results["summary"] and again["format_validity"] == results["format_validity"]
   # A different config in the same workdir is refused, naming the key that differs.
   with pytest.raises(ValueError, match=r"different config.*config\.edit\.steps: 3 -> 4"):
     experiment.run_experiment(_spec(steps=4), tmp_path)

@@ -69,6 +69,10 @@ def test_counterfact_reports_full_vocabulary_p():
   robust = {"edited": {"relearn_lora": {"curve": {"0": {"cells": [mc("correct", 0.4, 0.01), cell("correct", 0.9, 0.6)]}}}}}
   (row,) = report.relearn_rows(robust, ["standard", "mc"], "prob_full")
   assert (row["standard"], row["mc"]) == (0.6, 0.4)
+  # A CounterFact run evaluated in letter MC alone still reports its other tables (soft
+  # prompts, relearning's edit column) in full-vocabulary p: the run records its measure.
+  only_mc = {"measure": "prob_full", "summary": rows}
+  assert report._measure(only_mc) == "prob_full" and report._measure({"summary": rows}) == "prob_normalized"
 
 
 def _identical_rows_batch(n=4):

@@ -60,7 +60,7 @@ def test_text_metrics_and_kl(tiny):
   assert scoring.kl_divergence(tiny, other, tokens, positions) > 1e-3
 
 
-def test_text_metrics_and_kl_unembed_one_row_at_a_time_with_the_same_values():
+def test_text_metrics_and_kl_unembed_one_row_at_a_time_with_the_same_values(monkeypatch):
   # A wide vocabulary makes the logits the largest buffer, as in the 262k-vocabulary
   # models: the row-wise path must give the batched path's numbers with a fraction of
   # its scratch memory (the batched path held every row's [L, V] logits at once).
@@ -80,13 +80,18 @@ def test_text_metrics_and_kl_unembed_one_row_at_a_time_with_the_same_values():
     one_row_logits = tokens.shape[1] * config.vocab_size * 4
     assert temp(False) >= 8 * one_row_logits  # every row's logits at once
     assert temp(True) < temp(False) / 3
-  # The public functions take the row-wise path on one device.
+  # The public functions take the row-wise path on one device (chunks of 3: shapes not
+  # traced above, so tracing goes through `map_vocab_rows` again).
+  mapped = []
+  real_map = forward.map_vocab_rows
+  monkeypatch.setattr(forward, "map_vocab_rows", lambda *a: mapped.append(1) or real_map(*a))
   manual = np.asarray(scoring._text_chunk(ua, pa, tokens, positions, row_wise=False), np.float64)
   metrics = scoring.text_metrics(a, tokens, positions, chunk_size=3)
   assert metrics["tokens"] == int(manual[2])
   assert metrics["loss"] == pytest.approx(manual[0] / manual[2], rel=1e-5)
   kl = np.asarray(scoring._kl_chunk(ua, pa, ub, pb, tokens, positions, row_wise=False), np.float64)
   assert scoring.kl_divergence(a, b, tokens, positions, chunk_size=3) == pytest.approx(kl[0] / kl[1], rel=1e-5)
+  assert len(mapped) == 4  # text and KL, chunks of 3 and of 2 rows
 
 
 def test_shared_prefix_found_and_split():

@@ -129,8 +129,8 @@ def evaluate_format(
 def format_validity(score: FormatScore) -> dict[str, Any]:
   """Is the unedited model above chance in this format? (Wilson 95% on argmax.)
 
-  Argmax is over the candidate answers (CounterFact: true vs false target, chance
-  0.5). The interval counts facts, not prompts: a fact's several prompts (paraphrases,
+  Argmax is over the candidate answers (CounterFact prompts: true vs false target,
+  chance 0.5; letter multiple choice: the option letters). The interval counts facts, not prompts: a fact's several prompts (paraphrases,
   neighborhood prompts) are not independent draws, so their accuracy enters as that
   many facts' worth of evidence, which widens the interval where prompts outnumber facts.
   """

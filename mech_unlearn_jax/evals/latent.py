@@ -9,8 +9,8 @@ their true class (high = the knowledge is still there, whatever the output says)
 against their edit-target class (high = the edit rewrote the representation too).
 
 A probe cannot predict a class it was never fit on, so each accuracy counts only the
-forget rows whose class occurs among the training labels (`num_forget_true`,
-`num_forget_edit` say how many): a whole-sport edit's true sport is absent from the
+held-out and forget rows whose class occurs among the training labels (`num_heldout`,
+`num_forget_true`, `num_forget_edit` say how many): a whole-sport edit's true sport is absent from the
 maintain facts (the caller then fits on the edit's training half too,
 `experiment/robustness.py`), and CounterFact has hundreds of answer classes that a
 few hundred training facts do not all cover. The class prior is reported beside the
@@ -140,12 +140,14 @@ class LatentProbeScores:
 
   Attributes:
     train_accuracy: on the facts the probes were fit on.
-    heldout_accuracy, heldout_interval: on held-out maintain facts ([L], [L, 2]).
+    heldout_accuracy, heldout_interval: on held-out maintain facts ([L], [L, 2]),
+      over the rows whose class the probes were fit on (None if none is).
     forget_true_accuracy, forget_true_interval: forget facts vs their true class,
       over the rows whose true class the probes were fit on (None if none is).
     forget_edit_accuracy, forget_edit_interval: forget facts vs their edit-target
       class, over the rows whose target the probes were fit on (None without targets).
-    num_forget_true, num_forget_edit: how many rows each is over.
+    num_forget_true, num_forget_edit, num_heldout: how many rows each is over
+      (`LatentProbeResult.num_heldout` counts every held-out row).
   """
 
   train_accuracy: np.ndarray
@@ -312,8 +314,8 @@ def latent_probe_eval(
     heldout_batch, heldout_labels: held-out maintain prompts and true classes.
     forget_batch, forget_true_labels: the edited facts' prompts and true classes.
     forget_edit_labels: their edit-target classes, or None (pure unlearning). -1
-      marks a target outside the probe's classes. Rows whose true or target class
-      does not occur in `train_labels` are left out of that accuracy (a probe cannot
+      marks a target outside the probe's classes. Held-out and forget rows whose
+      (true or target) class does not occur in `train_labels` are left out of that accuracy (a probe cannot
       predict a class it never saw; e.g. golf for a probe trained on three sports),
       and with no row left there is no such accuracy.
     num_classes: number of classes.

@@ -32,7 +32,9 @@ def summarize(
 
   `measure` is the paper's "accuracy": p normalized over the candidate answers
   (sports) or the full-vocabulary p of the first target token (CounterFact, whose
-  two candidates would make p(true) + p(false) = 1 and forget = 1 - edit).
+  two candidates would make p(true) + p(false) = 1 and forget = 1 - edit). Letter
+  formats (`formats_eval.LETTER_FORMATS`) always read p normalized over the letters;
+  each row records the field it used.
   """
   rows = []
   index = {(c["format"], c["facts"], c["answer"]): c for c in after["cells"]}
@@ -108,7 +110,11 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: pathlib.Path, title: s
   ax.bar(x + 0.2, [r["edited_prob"] for r in rows], 0.4, label="edited")
   ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
   full = any(r.get("measure") == "prob_full" for r in rows)
-  ax.set_ylabel("full-vocabulary probability" if full else "probability (normalized over candidates)")
+  letters = full and any(r.get("measure") == "prob_normalized" for r in rows)
+  ax.set_ylabel(
+      ("full-vocabulary probability" + (" (letter MC: over the letters)" if letters else "")) if full
+      else "probability (normalized over candidates)"
+  )
   ax.set_ylim(0, 1)
   ax.set_title(title, fontsize=9)
   ax.legend()
@@ -117,7 +123,10 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: pathlib.Path, title: s
 
 
 def _measure(results: Mapping[str, Any]) -> str:
-  """The run's measure: "prob_full" if any format reports it (letter formats aside)."""
+  """The run's measure ("prob_full": CounterFact, "prob_normalized": sports), as
+  recorded; results written before it was are read from their summary rows."""
+  if "measure" in results:
+    return results["measure"]
   fields = {r.get("measure", "prob_normalized") for r in results.get("summary") or [{}]}
   return "prob_full" if "prob_full" in fields else "prob_normalized"
 
@@ -241,7 +250,7 @@ def robustness_markdown(
         )
     out.append(
         "Accuracies count the held-out and forget rows whose class the probes were fit on (a probe cannot predict"
-        " another); class prior: always predicting the most frequent training class, on the same rows.\n"
+        " another); class prior: always predicting the most frequent training class, on the same forget rows.\n"
     )
   sp = [(m, k) for m in ("unedited", "edited") for k in ("softprompt_prefix", "softprompt_adapter") if k in robust.get(m, {})]
   if sp:

@@ -249,6 +249,8 @@ def _run(
         unedited=model, edited=result.model, unedited_dir=shared.unedited_dir,
     )
 
+  # The paper's "accuracy" (METHOD §4); letter formats read p over the letters anyway.
+  measure = "prob_full" if task.first_token_only else "prob_normalized"
   results = {
       "config": spec.to_json(),
       "knowledge": {k: v for k, v in knowledge.record.items() if k != "p_true"},
@@ -258,7 +260,8 @@ def _run(
       "format_validity": report.format_validity(before["cells"]),
       "unedited": before,
       "edited": after,
-      "summary": report.summarize(before, after, "prob_full" if task.first_token_only else "prob_normalized"),
+      "measure": measure,
+      "summary": report.summarize(before, after, measure),
       "edit_history": result.history,
       "robustness": robust,
   }

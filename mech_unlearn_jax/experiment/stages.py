@@ -192,7 +192,11 @@ def evaluation_stage(
   are scored in `compute_dtype`.
   """
   if path is not None and path.is_file():
-    return io.read_json(path, "evaluation output")
+    out = io.read_json(path, "evaluation output")
+    # Cells recorded before they counted their facts would judge format validity by
+    # prompts (`formats_eval.format_validity`): recompute those.
+    if all("num_facts" in c for c in out.get("cells", [])):
+      return out
   model = scoring.with_compute_dtype(model, compute_dtype)
   if original is not None:
     original = scoring.with_compute_dtype(original, compute_dtype)

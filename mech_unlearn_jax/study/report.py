@@ -61,8 +61,9 @@ def _invalid_formats(data: StudyData, setting: str) -> set[str]:
 def _headline_columns(
     data: StudyData, name: str, methods: Sequence[str], every_attack: bool = False
 ) -> list[tuple[str, str]]:
-  """(metric, title) of the headline and per-seed tables: forget p(true) in every format
-  the unedited model answers above chance (and a whole-set split's trained half), the
+  """(metric, title) of the headline and per-seed tables: forget p(true) in every forget
+  format the unedited model answers above chance (and a whole-set split's trained half;
+  side-effect formats such as CounterFact neighborhood get their own labelled column), the
   LoRA attack's last step (`every_attack`: also full-rank relearning and both soft
   prompts), the probe and its class prior, the retain KL; only metrics some method has."""
   invalid = _invalid_formats(data, name)
@@ -91,9 +92,10 @@ def headline_markdown(data: StudyData, setting: StudySetting) -> str:
   """One compact table per setting: mean over seeds of the metrics a reader looks at first.
 
   Per method: seeds finished, seeds whose mask equals fact lookup's (Jaccard 1), forget
-  p(true) in every format the unedited model answers above chance, the LoRA relearning
-  attack's last step, the latent probe against the true answer (and the class prior on
-  the same rows, where the cells recorded it) and the retain KL. The
+  p(true) in every forget format the unedited model answers above chance, the LoRA
+  relearning attack's last step, the latent probe against the true answer (and the class
+  prior on the same rows, where the cells recorded it), side-effect formats' p(true)
+  (CounterFact neighborhood) and the retain KL. The
   README's study table is a copy of it; intervals are in the tables that follow.
   """
   name = setting.name
