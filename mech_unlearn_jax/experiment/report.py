@@ -109,12 +109,7 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: pathlib.Path, title: s
   ax.bar(x - 0.2, [r["unedited_prob"] for r in rows], 0.4, label="unedited")
   ax.bar(x + 0.2, [r["edited_prob"] for r in rows], 0.4, label="edited")
   ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
-  full = any(r.get("measure") == "prob_full" for r in rows)
-  letters = full and any(r.get("measure") == "prob_normalized" for r in rows)
-  ax.set_ylabel(
-      ("full-vocabulary probability" + (" (letter MC: over the letters)" if letters else "")) if full
-      else "probability (normalized over candidates)"
-  )
+  ax.set_ylabel(_measure_text({r.get("measure", "prob_normalized") for r in rows}, short=True))
   ax.set_ylim(0, 1)
   ax.set_title(title, fontsize=9)
   ax.legend()
@@ -131,13 +126,14 @@ def _measure(results: Mapping[str, Any]) -> str:
   return "prob_full" if "prob_full" in fields else "prob_normalized"
 
 
-def _measure_text(fields: set[str]) -> str:
+def _measure_text(fields: set[str], short: bool = False) -> str:
+  """What the rows' p is, from the fields they used (`short`: a plot's axis label)."""
   if "prob_full" not in fields:
-    return "probability normalized over the candidate answers"
-  letters = "prob_normalized" in fields
-  return "full-vocabulary probability of the answer's first token" + (
-      " (letter multiple choice: normalized over the option letters)" if letters else ""
-  )
+    return "probability (normalized over candidates)" if short else "probability normalized over the candidate answers"
+  text = "full-vocabulary probability" + ("" if short else " of the answer's first token")
+  if "prob_normalized" in fields:  # letter formats among them
+    text += " (letter MC: over the letters)" if short else " (letter multiple choice: normalized over the option letters)"
+  return text
 
 
 def write_if_changed(path: pathlib.Path, text: str) -> bool:

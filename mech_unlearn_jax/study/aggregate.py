@@ -104,6 +104,11 @@ class StudyData:
     flags = [v[fmt]["valid"] for v in per_seed.values() if fmt in v]
     return sum(bool(f) for f in flags), len(flags)
 
+  def valid_in_every_seed(self, setting: str, fmt: str) -> bool:
+    """Measured in some seed and above chance in every seed measured (claims use only these)."""
+    k, n = self.format_valid(setting, fmt)
+    return n > 0 and k == n
+
 
 def finished_cells(config: StudyConfig, out_dir: pathlib.Path):
   """(cell, summary path, summary) of every finished cell under `out_dir/cells/`, in run order."""

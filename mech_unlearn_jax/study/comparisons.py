@@ -139,7 +139,7 @@ def _verdict(comparisons: Sequence[Comparison]) -> str:
 def _claim_specs(data: StudyData, setting: str) -> list[tuple[str, list[tuple[str, bool]], list[str]]]:
   """A fact-set setting's claims: (claim, [(metric, lower is better)], formats left out
   because the unedited model answers them at chance)."""
-  is_valid = lambda f: (lambda kn: kn[1] > 0 and kn[0] == kn[1])(data.format_valid(setting, f))
+  is_valid = lambda f: data.valid_in_every_seed(setting, f)
   formats = [f for f in _forget_formats(data, setting) if f != "standard"]
   valid = [f for f in formats if is_valid(f)]
   neighbors = [f for f in _formats(data, setting) if f in SIDE_EFFECT_FORMATS]

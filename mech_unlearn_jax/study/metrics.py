@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.evals import formats_eval
 
 
 def _measure(task: str, fmt: str) -> tuple[str, str]:
   """(probability field, argmax field) of a format's cells (see the module docstring)."""
-  return formats_eval.accuracy_fields(task == "counterfact", fmt)
+  return formats_eval.accuracy_fields(get_task(task).first_token_only, fmt)
 
 
 def _put(out: dict[str, float], name: str, value: Any) -> None:
