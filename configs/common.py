@@ -13,7 +13,7 @@ Experiment files call `from_arg(...)` and change only what differs from the spec
 import ml_collections
 
 from mech_unlearn_jax.experiment import default_config_dict
-from mech_unlearn_jax.localize.select import FAMILY_OF, METHODS
+from mech_unlearn_jax.localize.select import FAMILY_OF, METHOD_FAMILIES, METHODS
 
 # The edit's learning rate and forget coefficient per tuning family
 # (`select.METHOD_FAMILIES`), tuned as the paper did (METHOD §3) on sports first-16:
@@ -90,6 +90,27 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 TUNED_EDIT_REFERENCE_BUDGET = {
     "fact_lookup": {"lr": 3e-5},
 }
+
+
+def tuned_edit(reference_budget: bool = False) -> dict[str, dict[str, float]]:
+  """Tuning family -> its tuned edit values at the default budget or at the reference's.
+
+  At the reference budget every family must have been tuned there: a comparison
+  between methods whose families were tuned at different budgets mixes optimization
+  strength into it, so a missing family is an error naming the sweep to run.
+  """
+  if not reference_budget:
+    return {family: dict(values) for family, values in TUNED_EDIT.items()}
+  missing = sorted(set(TUNED_EDIT) - set(TUNED_EDIT_REFERENCE_BUDGET))
+  if missing:
+    example = missing[0] if missing[0] in METHODS else METHOD_FAMILIES[missing[0]][0]
+    raise ValueError(
+        f"configs/common.py: TUNED_EDIT_REFERENCE_BUDGET has no values for the famil(ies) {missing};"
+        " tune them at the reference budget first (docs/sweeps.md), e.g. python -m launch.sweep"
+        f" --config=configs/sports_first16.py:{example},reference_budget"
+        f" --workdir=runs/sweep_ref_{missing[0]} --lrs=LR1,LR2,LR3"
+    )
+  return {family: {**values, **TUNED_EDIT_REFERENCE_BUDGET[family]} for family, values in TUNED_EDIT.items()}
 
 
 def use_reference_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -4,6 +4,16 @@
   python -m launch.study --config=configs/study_sports.py --workdir=runs/study \
       --only_settings=sports_random16 --only_seeds=0          # a subset (the report covers every finished cell)
   python -m launch.study --config=configs/study_sports.py:tiny --workdir=/tmp/study   # CI-size variant
+  python -m launch.study --config=configs/study_sports.py:reference_budget --workdir=runs/study_reference \
+      --results_dir=docs/results/reference_budget   # every edit at the reference's 50 x 64
+
+The default budget is 30 steps x 16 examples per term (whole batches), each family at
+its values tuned there (`configs/common.py: TUNED_EDIT`); `:reference_budget` runs every
+edit at METHOD §3's 50 steps x 64 per term with each family's values tuned at that
+budget (`tuned_edit(reference_budget=True)`, which refuses while a family is untuned).
+Cells of the two budgets have different configs, so give each its own workdir; the
+shared outputs (knowledge filter, evidence, unedited control) do not depend on the edit
+and can be copied from one to the other (`results_dir/shared`).
 
 Settings (each a main-job run with every robustness stage, per method and seed):
   sports_random16       16 known athletes drawn with the seed -> a random other sport
@@ -33,6 +43,7 @@ SETTINGS = (
   ("counterfact_random16", "counterfact", "random_16"),
 )
 TINY_METHODS = ("fact_lookup", "random_mlps")
+VARIANTS = ("tiny", "reference_budget")
 
 
 def _diff(full: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -58,11 +69,14 @@ def _shrink_robustness(c: ml_collections.ConfigDict) -> None:
   r.trivia_eval.max_questions = 4
 
 
-def _experiment(task: str, split: str, tiny: bool) -> ml_collections.ConfigDict:
+def _experiment(task: str, split: str, tiny: bool, reference_budget: bool) -> ml_collections.ConfigDict:
   c = common.base_config(task=task, split=split)
-  # The study's cells started with whole-batch steps; micro-batching gives the same
-  # gradient but another config record, so the study keeps whole batches.
-  c.edit.num_microbatches = 1
+  if reference_budget:
+    common.use_reference_budget(c)
+  else:
+    # The study's cells started with whole-batch steps; micro-batching gives the same
+    # gradient but another config record, so the study keeps whole batches.
+    c.edit.num_microbatches = 1
   if task == "counterfact":
     common.use_counterfact_defaults(c)
   if tiny:
@@ -72,17 +86,22 @@ def _experiment(task: str, split: str, tiny: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"config argument {arg!r}: expected nothing or 'tiny'")
-  tiny = arg == "tiny"
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  unknown = [p for p in parts if p not in VARIANTS]
+  if unknown:
+    raise ValueError(f"config argument {arg!r}: expected nothing or a comma-separated subset of {VARIANTS}")
+  tiny = "tiny" in parts
+  reference_budget = "reference_budget" in parts
+  # Every family must be tuned at the study's budget (an error names the missing sweep).
+  tuned_edit = common.tuned_edit(reference_budget)
   # Tiny: both kinds of sports split (a seeded draw and a whole sport, held-out half).
   settings = SETTINGS[:2] if tiny else SETTINGS
-  base = _experiment("sports", "random_16", tiny)
+  base = _experiment("sports", "random_16", tiny, reference_budget)
   c = ml_collections.ConfigDict()
   c.base = base
   c.settings = ml_collections.ConfigDict()
   for name, task, split in settings:
-    full = _experiment(task, split, tiny)
+    full = _experiment(task, split, tiny, reference_budget)
     overrides = _diff(full.to_dict(), base.to_dict())
     data = overrides.pop("data", {})
     data.pop("task", None)
@@ -98,7 +117,7 @@ def get_config(arg=None):
   c.seeds = (0, 1) if tiny else (0, 1, 2, 3, 4)
   c.confidence = 0.95
   # Each cell's edit uses its method's family's tuned values (the base has fact lookup's).
-  c.tuned_edit = ml_collections.ConfigDict(common.TUNED_EDIT)
+  c.tuned_edit = ml_collections.ConfigDict(tuned_edit)
   # A cell whose mask and edit equal a finished cell's (same setting and seed) takes its
   # results: a one-MLP budget often makes CT-MLPs, AP-MLPs and CT pick the same MLP.
   # Set False where runs are not bit-reproducible (some accelerator kernels).

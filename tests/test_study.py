@@ -87,6 +87,39 @@ def test_real_study_config_has_every_setting_method_and_seed():
     config.cells(only_methods=["nope"])
 
 
+def test_reference_budget_study_needs_every_family_tuned_there_and_shares_the_default_studys_outputs(monkeypatch):
+  untuned = sorted(set(common.TUNED_EDIT) - set(common.TUNED_EDIT_REFERENCE_BUDGET))
+  if untuned:
+    # A family at the default budget's values would mix optimization strength into the
+    # comparison: refused, naming the family and the sweep to run.
+    with pytest.raises(ValueError, match=f"TUNED_EDIT_REFERENCE_BUDGET.*{untuned[0]}.*launch.sweep"):
+      study_sports.get_config("reference_budget")
+  reference_values = {"fact_lookup": {"lr": 3e-5}, "output_tracing": {"lr": 2e-5, "forget_coef": 3.0},
+                      "nonlocalized": {"lr": 1e-6}}
+  monkeypatch.setattr(common, "TUNED_EDIT_REFERENCE_BUDGET", reference_values)
+  default = study.StudyConfig.from_dict(study_sports.get_config().to_dict())
+  reference = study.StudyConfig.from_dict(study_sports.get_config("reference_budget").to_dict())
+  for setting in ("sports_random16", "counterfact_random16"):
+    for method in ("fact_lookup", "ct", "random", "all_mlps"):
+      family = select.FAMILY_OF[method]
+      cell = study.Cell(setting, method, 1)
+      edit = reference.cell_spec(cell).edit
+      assert (edit.steps, edit.forget_batch_size, edit.maintain_batch_size, edit.retain_batch_size) == (50, 64, 64, 64)
+      assert edit.num_microbatches == 4
+      expected = {**common.TUNED_EDIT[family], **reference_values[family]}
+      assert (edit.lr, edit.forget_coef) == (expected["lr"], expected["forget_coef"]), (setting, method)
+      old = default.cell_spec(cell).edit
+      assert (old.steps, old.forget_batch_size, old.num_microbatches) == (30, 16, 1)
+      # The edit is not part of the shared outputs' key: the two studies can share them.
+      assert study.shared_outputs(reference.cell_spec(cell), setting, run_lib.pathlib.Path("w")) == study.shared_outputs(
+        default.cell_spec(cell), setting, run_lib.pathlib.Path("w")
+      )
+  tiny = study.StudyConfig.from_dict(study_sports.get_config("tiny,reference_budget").to_dict())
+  assert tiny.cell_spec(tiny.cells()[0]).edit.lr == 3e-5
+  with pytest.raises(ValueError, match="expected nothing or"):
+    study_sports.get_config("reference")
+
+
 def test_bad_setting_override_names_setting_and_key():
   values = study_sports.get_config("tiny").to_dict()
   values["settings"]["sports_random16"]["overrides"] = {"edit": {"lrr": 1.0}}
