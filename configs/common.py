@@ -89,6 +89,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # budget and keep the default budget's values.
 TUNED_EDIT_REFERENCE_BUDGET = {
     "fact_lookup": {"lr": 3e-5},
+    "output_tracing": {"lr": 3e-5},
 }
 
 

@@ -49,12 +49,12 @@ def test_reference_budget_variant_and_method_families():
   spec = experiment.ExperimentSpec.from_dict(module.get_config("nonlocalized,reference_budget").to_dict())
   assert (spec.localize.method, spec.edit.steps, spec.edit.num_microbatches) == ("nonlocalized", 50, 4)
   assert spec.edit.forget_batch_size == spec.edit.maintain_batch_size == spec.edit.retain_batch_size == 64
-  # The fact-lookup family's learning rate was tuned at this budget (docs/sweeps.md);
-  # c_f and the other families keep the default budget's tuned values.
+  # The fact-lookup and output-tracing families' learning rates were tuned at this
+  # budget (docs/sweeps.md); c_f and the nonlocalized family keep the default budget's.
   from configs import common
 
-  for method, lr, forget_coef in (("fact_lookup", 3e-5, 0.3), ("random_mlps", 3e-5, 0.3), ("ap", 1e-4, 1.0),
-                                  ("nonlocalized", 3e-6, 3.0)):
+  for method, lr, forget_coef in (("fact_lookup", 3e-5, 0.3), ("random_mlps", 3e-5, 0.3), ("ap", 3e-5, 1.0),
+                                  ("random", 3e-5, 1.0), ("nonlocalized", 3e-6, 3.0)):
     edit = experiment.ExperimentSpec.from_dict(module.get_config(f"{method},reference_budget").to_dict()).edit
     assert (edit.lr, edit.forget_coef) == (lr, forget_coef), method
   assert set(common.TUNED_EDIT_REFERENCE_BUDGET) <= set(select.METHOD_FAMILIES)
