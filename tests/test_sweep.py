@@ -11,12 +11,18 @@ def test_standard_format_score_ignores_other_formats():
           row("standard", "forget", "correct", 0.1), row("standard", "forget", "edit", 0.8),
           row("standard", "maintain", "correct", 0.9), row("qa", "forget", "correct", 0.99),
       ],
-      "edited": {"retain_text": {"accuracy": 0.4}},
+      "edited": {"retain_text": {"accuracy": 0.4}, "kl_original_edited": 0.07},
   }
   score = sweep.standard_format_score(results)
   assert abs(score["score"] - (0.4 + 0.9 + 0.9 + 0.8)) < 1e-9
   results["summary"][3]["edited_prob"] = 0.0  # a robustness metric changes: score does not
   assert sweep.standard_format_score(results)["score"] == score["score"]
+  # The retain KL is carried for reading and never enters the score.
+  assert score["retain_kl"] == 0.07
+  results["edited"]["kl_original_edited"] = 5.0
+  assert sweep.standard_format_score(results)["score"] == score["score"]
+  table = sweep.sweep_markdown({"rows": [dict(score, lr=1e-4, forget_coef=1.0)], "best": None}, "t")
+  assert "| score | KL |" in table and "| 0.070 |" in table
 
 
 def test_tiny_sweep_shares_stages_and_runs_lr_then_cf(tmp_path):
