@@ -84,12 +84,13 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-# Edit values tuned at the reference's budget (`docs/sweeps.md`, learning-rate stage
-# only), over the family's `TUNED_EDIT`. Families not listed were not tuned at this
-# budget and keep the default budget's values.
+# Edit values tuned at the reference's budget (`docs/sweeps.md`: the learning-rate stage
+# at c_f 1, sports first-16, seed 0), over the family's `TUNED_EDIT`; the c_f stage has
+# not been run at this budget, so c_f is the default budget's.
 TUNED_EDIT_REFERENCE_BUDGET = {
     "fact_lookup": {"lr": 3e-5},
     "output_tracing": {"lr": 3e-5},
+    "nonlocalized": {"lr": 3e-6},
 }
 
 
