@@ -129,6 +129,11 @@ def use_reference_budget(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
 VARIANTS = ("tiny", "reference_budget")
 
 
+def arg_parts(arg: str | None) -> list[str]:
+  """The comma-separated parts of a `--config=file.py:ARG` argument, blanks dropped."""
+  return [p.strip() for p in (arg or "").split(",") if p.strip()]
+
+
 def from_arg(arg: str | None, task: str, split: str) -> ml_collections.ConfigDict:
   """Builds a config from a `--config=file.py:ARG` argument.
 
@@ -136,7 +141,7 @@ def from_arg(arg: str | None, task: str, split: str) -> ml_collections.ConfigDic
   fact_lookup) and optionally the variants "reference_budget" (`use_reference_budget`)
   and "tiny", e.g. "ap", "tiny", "random_mlps,tiny", "nonlocalized,reference_budget".
   """
-  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  parts = arg_parts(arg)
   methods = [p for p in parts if p not in VARIANTS]
   unknown = [m for m in methods if m not in METHODS]
   if unknown or len(methods) > 1:

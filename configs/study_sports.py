@@ -43,7 +43,6 @@ SETTINGS = (
   ("counterfact_random16", "counterfact", "random_16"),
 )
 TINY_METHODS = ("fact_lookup", "random_mlps")
-VARIANTS = ("tiny", "reference_budget")
 
 
 def _diff(full: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -86,10 +85,9 @@ def _experiment(task: str, split: str, tiny: bool, reference_budget: bool) -> ml
 
 
 def get_config(arg=None):
-  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  unknown = [p for p in parts if p not in VARIANTS]
-  if unknown:
-    raise ValueError(f"config argument {arg!r}: expected nothing or a comma-separated subset of {VARIANTS}")
+  parts = common.arg_parts(arg)
+  if set(parts) - set(common.VARIANTS):
+    raise ValueError(f"config argument {arg!r}: expected nothing or a comma-separated subset of {common.VARIANTS}")
   tiny = "tiny" in parts
   reference_budget = "reference_budget" in parts
   # Every family must be tuned at the study's budget (an error names the missing sweep).
