@@ -3,17 +3,18 @@
   python -m benchmarks.attacks                  # every attacker at the default config
   python -m benchmarks.attacks --steps=3 --attackers=relearn_lora,softprompt_prefix
   python -m benchmarks.attacks --block_scan=true,false   # scanned blocks vs block by block
-  python -m benchmarks.attacks --edit_budget=default,reference   # an edit row at each budget
+  python -m benchmarks.attacks --edit_budget=reference,short   # an edit row at each budget
 
 Each attacker is built by the library's own constructors at the main job's default
 settings (`RobustnessConfig()`): LoRA relearning (r = 512, capped by the layer width)
 and full-rank relearning (every block weight) on 8 forget facts (true answers) + 8
 maintain facts + 8 retain windows per step; the prefix soft prompt and the embedding
 adapter on 8 forget facts per step. The reference row is the edit itself (the
-fact-lookup mask of sports first-16, MLP 3): at the main job's budget (30 steps of 16
-examples per term) or, with `--edit_budget=reference`, at the reference's (50 steps of
-64 per term in 4 accumulated micro-batches, `configs/common.py: use_reference_budget`),
-the budget the robustness issue's "the suite costs no more than the edit" refers to. Facts are sports
+fact-lookup mask of sports first-16, MLP 3): at the main job's budget, the reference's
+(50 steps of 64 per term in 4 accumulated micro-batches), the budget the robustness
+issue's "the suite costs no more than the edit" refers to, or, with
+`--edit_budget=short`, at the short budget (30 steps of 16, `configs/common.py:
+use_short_budget`). Facts are sports
 athletes in the standard one-shot prompt; retain windows are 32 random tokens (the
 step's cost does not depend on the text).
 
@@ -43,6 +44,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import edit as edit_bench
+from configs import common
 from mech_unlearn_jax import train as train_lib
 from mech_unlearn_jax.batch import make_fact_batch
 from mech_unlearn_jax.data.facts import load_sports_facts
@@ -59,11 +61,10 @@ ATTACKERS = ("edit", "relearn_lora", "relearn_full", "softprompt_prefix", "softp
 _ATTACKERS = flags.DEFINE_list("attackers", list(ATTACKERS), f"Which rows (of {ATTACKERS}); 'edit' is the reference.")
 _BENCH_STEPS = flags.DEFINE_integer("timed_steps", 3, "Timed steps after the compile step.")
 _BLOCK_SCAN = flags.DEFINE_list("block_scan", ["true"], "Run every row with each of these BlockStack.scan settings.")
-EDIT_BUDGETS = ("default", "reference")
 _EDIT_BUDGETS = flags.DEFINE_list(
-    "edit_budget", ["default"],
-    "The edit row's budgets (one row each): the main job's 30 x 16 ('default') and/or the reference's 50 x 64"
-    " ('reference', `:reference_budget`).",
+    "edit_budget", ["reference"],
+    "The edit row's budgets (one row each, `configs/common.py: TUNED_EDIT`): the main job's, the reference's"
+    " 50 x 64 ('reference'), and/or the short 30 x 16 ('short', `:short_budget`).",
 )
 NUM_RETAIN, RETAIN_WINDOW = 32, 32
 
@@ -106,13 +107,10 @@ def setup(name: str, model, pools, robust: RobustnessConfig, edit_config):
 
 
 def edit_row_config(budget: str) -> train_lib.EditConfig:
-  """The edit row's optimizer settings: the main job's, or the reference budget's."""
-  if budget == "default":
-    return ExperimentSpec().edit
-  from configs import common  # pylint: disable=g-import-not-at-top
-
+  """The edit row's optimizer settings at a budget of `configs/common.py: TUNED_EDIT`."""
   c = common.base_config()
-  common.use_reference_budget(c)
+  if budget == "short":
+    common.use_short_budget(c)
   return ExperimentSpec.from_dict(c.to_dict()).edit
 
 
@@ -164,9 +162,9 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--attackers: unknown {unknown}; expected some of {ATTACKERS}")
   budgets = _EDIT_BUDGETS.value
-  unknown = [b for b in budgets if b not in EDIT_BUDGETS]
+  unknown = [b for b in budgets if b not in common.TUNED_EDIT]
   if unknown or not budgets:
-    raise app.UsageError(f"--edit_budget: expected some of {EDIT_BUDGETS}, got {budgets}")
+    raise app.UsageError(f"--edit_budget: expected some of {tuple(common.TUNED_EDIT)}, got {budgets}")
   scans = [_parse_bool(v) for v in _BLOCK_SCAN.value]
   _, peak_cpu = edit_bench.matmul_peak()
   loaded, tokenizer = loaders.load_model_and_tokenizer("default")
@@ -183,7 +181,7 @@ def main(argv):
   edit_rows = []
   for (row_name, name, budget), scan in [(p, s) for p in plan for s in scans]:
     model = transformer.with_block_scan(loaded, scan)
-    edit_config = edit_row_config(budget or "default")
+    edit_config = edit_row_config(budget or "reference")
     built, data, config, repeats = setup(name, model, (edit_facts, true_facts, maintain, retain), robust, edit_config)
     params, trainable, update_mask = built
     row = time_training(params, trainable, update_mask, data, config, _BENCH_STEPS.value, peak_cpu)

@@ -1,19 +1,20 @@
 """The reproduction study: the paper's Tables 1-3 and Figures 2-4 with intervals over seeds.
 
-  python -m launch.study --config=configs/study_sports.py --workdir=runs/study --results_dir=docs/results
-  python -m launch.study --config=configs/study_sports.py --workdir=runs/study \
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study_reference \
+      --results_dir=docs/results/reference_budget
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study_reference \
       --only_settings=sports_random16 --only_seeds=0          # a subset (the report covers every finished cell)
+  python -m launch.study --config=configs/study_sports.py:short_budget --workdir=runs/study \
+      --results_dir=docs/results/short_budget     # every edit at the short budget, 30 x 16
   python -m launch.study --config=configs/study_sports.py:tiny --workdir=/tmp/study   # CI-size variant
-  python -m launch.study --config=configs/study_sports.py:reference_budget --workdir=runs/study_reference \
-      --results_dir=docs/results/reference_budget   # every edit at the reference's 50 x 64
 
-The default budget is 30 steps x 16 examples per term (whole batches), each family at
-its values tuned there (`configs/common.py: TUNED_EDIT`); `:reference_budget` runs every
-edit at METHOD §3's 50 steps x 64 per term with each family's values tuned at that
-budget (`tuned_edit(reference_budget=True)`, which refuses while a family is untuned).
-Cells of the two budgets have different configs, so give each its own workdir; the
-shared outputs (knowledge filter, evidence, unedited control) do not depend on the edit
-and can be copied from one to the other (`results_dir/shared`).
+Every edit runs at METHOD §3's budget, 50 steps x 64 examples per term, with each
+family's values tuned at that budget (`configs/common.py: TUNED_EDIT["reference"]`);
+`:short_budget` runs the library's first budget, 30 steps x 16 (whole batches), with
+the values tuned there (`TUNED_EDIT["short"]`). Cells of the two budgets have different
+configs, so give each its own workdir and results folder; the shared outputs (knowledge
+filter, evidence, unedited control) do not depend on the edit, so one study's
+`results_dir/shared` can be copied into the other's.
 
 Settings (each a main-job run with every robustness stage, per method and seed):
   sports_random16       16 known athletes drawn with the seed -> a random other sport
@@ -68,13 +69,12 @@ def _shrink_robustness(c: ml_collections.ConfigDict) -> None:
   r.trivia_eval.max_questions = 4
 
 
-def _experiment(task: str, split: str, tiny: bool, reference_budget: bool) -> ml_collections.ConfigDict:
+def _experiment(task: str, split: str, tiny: bool, short_budget: bool) -> ml_collections.ConfigDict:
   c = common.base_config(task=task, split=split)
-  if reference_budget:
-    common.use_reference_budget(c)
-  else:
-    # The study's cells started with whole-batch steps; micro-batching gives the same
-    # gradient but another config record, so the study keeps whole batches.
+  if short_budget:
+    common.use_short_budget(c)
+    # The short-budget study's cells were run with whole-batch steps; micro-batching
+    # gives the same gradient but another config record, so it keeps whole batches.
     c.edit.num_microbatches = 1
   if task == "counterfact":
     common.use_counterfact_defaults(c)
@@ -89,17 +89,17 @@ def get_config(arg=None):
   if set(parts) - set(common.VARIANTS):
     raise ValueError(f"config argument {arg!r}: expected nothing or a comma-separated subset of {common.VARIANTS}")
   tiny = "tiny" in parts
-  reference_budget = "reference_budget" in parts
-  # Every family must be tuned at the study's budget (an error names the missing sweep).
-  tuned_edit = common.tuned_edit(reference_budget)
+  budget = common.budget_of(arg)
+  short_budget = budget == "short"
+  tuned_edit = common.TUNED_EDIT[budget]
   # Tiny: both kinds of sports split (a seeded draw and a whole sport, held-out half).
   settings = SETTINGS[:2] if tiny else SETTINGS
-  base = _experiment("sports", "random_16", tiny, reference_budget)
+  base = _experiment("sports", "random_16", tiny, short_budget)
   c = ml_collections.ConfigDict()
   c.base = base
   c.settings = ml_collections.ConfigDict()
   for name, task, split in settings:
-    full = _experiment(task, split, tiny, reference_budget)
+    full = _experiment(task, split, tiny, short_budget)
     overrides = _diff(full.to_dict(), base.to_dict())
     data = overrides.pop("data", {})
     data.pop("task", None)

@@ -2,6 +2,11 @@
 
   python -m launch.run --config=configs/sports_first16.py --workdir=runs/sports_first16
   python -m launch.run --config=configs/sports_first16.py:ap --config.edit.lr=2e-5 --workdir=runs/ap
+  python -m launch.run --config=configs/sports_first16.py:ap,short_budget --workdir=runs/ap_short
+
+The edit runs at the reference's budget (50 steps of 64 examples per term) unless the
+config argument names `short_budget` (30 steps of 16, the earlier default; see
+`configs/common.py`).
 
 Rerunning with the same --workdir resumes: finished stages are read back and the edit
 continues from its latest checkpoint; a finished run only re-reports.

@@ -1,10 +1,12 @@
 """The reproduction study: settings x methods x seeds (see `mech_unlearn_jax/study/`).
 
-  python -m launch.study --config=configs/study_sports.py --workdir=runs/study --results_dir=docs/results
-  python -m launch.study --config=configs/study_sports.py --workdir=runs/study \
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study_reference \
+      --results_dir=docs/results/reference_budget
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study_reference \
       --only_settings=sports_random16 --only_seeds=0 --max_cells=3
   python -m launch.study --config=configs/study_sports.py:tiny --workdir=/tmp/study
-  python -m launch.study --config=configs/study_sports.py --workdir=runs/study --results_dir=docs/results --report_only
+  python -m launch.study --config=configs/study_sports.py:short_budget --workdir=runs/study \
+      --results_dir=docs/results/short_budget --report_only
 
 Rerunning the same command resumes: finished cells are skipped, a killed cell resumes
 from its stages and checkpoints. `--commit_results` commits the results folder (and

@@ -3,6 +3,10 @@
   python -m launch.sweep --config=configs/sports_first16.py:ap --workdir=runs/sweep_ap \
       --lrs=1e-5,3e-5,1e-4,3e-4 --forget_coefs=1,0.3,3
 
+The sweep edits at the config's budget: the reference's 50 x 64 by default, the short
+30 x 16 with `:short_budget` (e.g. `--config=configs/sports_first16.py:ap,short_budget`;
+`docs/sweeps.md` has both).
+
 Each setting is a main job (standard format only, no attacks) in `WORKDIR/lr<lr>_cf<cf>`,
 sharing the knowledge filter, fact-lookup evidence and unedited evaluation in
 `WORKDIR/shared`; `WORKDIR/sweep.json` holds every row and the best, and

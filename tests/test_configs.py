@@ -42,24 +42,31 @@ def test_every_method_config(method):
   assert spec.localize.method == method
 
 
-def test_reference_budget_variant_and_method_families():
+def test_budgets_and_method_families():
+  from configs import common
   from mech_unlearn_jax.localize import select
 
   module = importlib.import_module("configs.sports_first16")
-  spec = experiment.ExperimentSpec.from_dict(module.get_config("nonlocalized,reference_budget").to_dict())
-  assert (spec.localize.method, spec.edit.steps, spec.edit.num_microbatches) == ("nonlocalized", 50, 4)
-  assert spec.edit.forget_batch_size == spec.edit.maintain_batch_size == spec.edit.retain_batch_size == 64
-  # Every family's learning rate was tuned at this budget (docs/sweeps.md; nonlocalized
-  # kept its 3e-6); c_f is the default budget's.
-  from configs import common
-
-  for method, lr, forget_coef in (("fact_lookup", 3e-5, 0.3), ("random_mlps", 3e-5, 0.3), ("ap", 3e-5, 1.0),
-                                  ("random", 3e-5, 1.0), ("nonlocalized", 3e-6, 3.0)):
-    edit = experiment.ExperimentSpec.from_dict(module.get_config(f"{method},reference_budget").to_dict()).edit
-    assert (edit.lr, edit.forget_coef) == (lr, forget_coef), method
-  assert set(common.TUNED_EDIT_REFERENCE_BUDGET) <= set(select.METHOD_FAMILIES)
-  with pytest.raises(ValueError, match="reference_budget"):
+  # The default is the reference's budget (METHOD §3), spelled out or not.
+  for arg in ("nonlocalized", "nonlocalized,reference_budget"):
+    spec = experiment.ExperimentSpec.from_dict(module.get_config(arg).to_dict())
+    assert (spec.localize.method, spec.edit.steps, spec.edit.num_microbatches) == ("nonlocalized", 50, 4)
+    assert spec.edit.forget_batch_size == spec.edit.maintain_batch_size == spec.edit.retain_batch_size == 64
+  spec = experiment.ExperimentSpec.from_dict(module.get_config("ap,short_budget").to_dict())
+  assert (spec.edit.steps, spec.edit.forget_batch_size, spec.edit.retain_batch_size) == (30, 16, 16)
+  # Every budget has values for every tuning family, and each method gets its family's.
+  assert set(common.TUNED_EDIT) == {"reference", "short"}
+  for budget, values in common.TUNED_EDIT.items():
+    assert set(values) == set(select.METHOD_FAMILIES), budget
+    for method in METHODS:
+      arg = method if budget == "reference" else f"{method},short_budget"
+      edit = experiment.ExperimentSpec.from_dict(module.get_config(arg).to_dict()).edit
+      tuned = values[select.FAMILY_OF[method]]
+      assert (edit.lr, edit.forget_coef) == (tuned["lr"], tuned["forget_coef"]), (budget, method)
+  with pytest.raises(ValueError, match="short_budget"):
     module.get_config("ap,fact_lookup")
+  with pytest.raises(ValueError, match="exclude each other"):
+    module.get_config("ap,short_budget,reference_budget")
   assert {select.FAMILY_OF[m] for m in ("fact_lookup", "ap", "nonlocalized")} == set(select.METHOD_FAMILIES)
 
 
@@ -69,10 +76,9 @@ def test_each_method_gets_its_familys_tuned_edit_values_unless_overridden(config
   from mech_unlearn_jax.localize import select
 
   module = importlib.import_module(f"configs.{config_name}")
-  assert set(common.TUNED_EDIT) == set(select.METHOD_FAMILIES)
   for method in METHODS:
     edit = experiment.ExperimentSpec.from_dict(module.get_config(method).to_dict()).edit
-    tuned = common.TUNED_EDIT[select.FAMILY_OF[method]]
+    tuned = common.TUNED_EDIT["reference"][select.FAMILY_OF[method]]
     assert (edit.lr, edit.forget_coef) == (tuned["lr"], tuned["forget_coef"]), method
   config = module.get_config("ap")
   config.edit.lr = 2e-5  # what --config.edit.lr=2e-5 does
@@ -92,7 +98,7 @@ def test_common_config_is_the_schema():
   the edit values tuned per method family."""
   from_common = experiment.ExperimentSpec.from_dict(common.base_config().to_dict())
   spec = experiment.ExperimentSpec()
-  tuned = dataclasses.replace(spec.edit, **common.TUNED_EDIT["fact_lookup"])
+  tuned = dataclasses.replace(spec.edit, **common.TUNED_EDIT["reference"]["fact_lookup"])
   assert from_common == dataclasses.replace(spec, edit=tuned)
   spec_keys = {k for k, _ in _leaves(experiment.ExperimentSpec().to_json())}
   common_keys = {k for k, _ in _leaves(common.base_config().to_dict())}

@@ -55,8 +55,9 @@ def test_real_study_config_has_every_setting_method_and_seed():
   for setting in ("sports_random16", "counterfact_random16"):
     for method in ("fact_lookup", "ap", "ct_mlps", "random_mlps", "all_mlps", "nonlocalized"):
       edit = config.cell_spec(study.Cell(setting, method, 0)).edit
-      tuned = common.TUNED_EDIT[select.FAMILY_OF[method]]
+      tuned = common.TUNED_EDIT["reference"][select.FAMILY_OF[method]]
       assert (edit.lr, edit.forget_coef) == (tuned["lr"], tuned["forget_coef"]), (setting, method)
+      assert (edit.steps, edit.forget_batch_size, edit.retain_batch_size, edit.num_microbatches) == (50, 64, 64, 4)
   with pytest.raises(ConfigError, match="tuned_edit: unknown tuning famil"):
     study.StudyConfig.from_dict(dict(study_sports.get_config().to_dict(), tuned_edit={"ap": {"lr": 1.0}}))
   # Shared outputs: one knowledge filter per model and data, evidence per setting and seed.
@@ -87,36 +88,32 @@ def test_real_study_config_has_every_setting_method_and_seed():
     config.cells(only_methods=["nope"])
 
 
-def test_reference_budget_study_needs_every_family_tuned_there_and_shares_the_default_studys_outputs(monkeypatch):
-  reference_values = {"fact_lookup": {"lr": 3e-5}, "output_tracing": {"lr": 2e-5, "forget_coef": 3.0},
-                      "nonlocalized": {"lr": 1e-6}}
-  # A family at the default budget's values would mix optimization strength into the
-  # comparison: refused, naming the family and the sweep to run.
-  monkeypatch.setattr(common, "TUNED_EDIT_REFERENCE_BUDGET", {"fact_lookup": {"lr": 3e-5}})
-  with pytest.raises(ValueError, match=r"TUNED_EDIT_REFERENCE_BUDGET.*\['nonlocalized', 'output_tracing'\].*launch.sweep"):
-    study_sports.get_config("reference_budget")
-  monkeypatch.setattr(common, "TUNED_EDIT_REFERENCE_BUDGET", reference_values)
-  default = study.StudyConfig.from_dict(study_sports.get_config().to_dict())
-  reference = study.StudyConfig.from_dict(study_sports.get_config("reference_budget").to_dict())
+def test_short_budget_study_keeps_its_cells_config_and_shares_the_reference_studys_outputs():
+  reference = study.StudyConfig.from_dict(study_sports.get_config().to_dict())
+  short = study.StudyConfig.from_dict(study_sports.get_config("short_budget").to_dict())
+  # The old spelling of the default names the same study.
+  assert study.StudyConfig.from_dict(study_sports.get_config("reference_budget").to_dict()) == reference
   for setting in ("sports_random16", "counterfact_random16"):
-    for method in ("fact_lookup", "ct", "random", "all_mlps"):
+    for method in ("fact_lookup", "ct", "random", "all_mlps", "nonlocalized"):
       family = select.FAMILY_OF[method]
       cell = study.Cell(setting, method, 1)
-      edit = reference.cell_spec(cell).edit
-      assert (edit.steps, edit.forget_batch_size, edit.maintain_batch_size, edit.retain_batch_size) == (50, 64, 64, 64)
-      assert edit.num_microbatches == 4
-      expected = {**common.TUNED_EDIT[family], **reference_values[family]}
-      assert (edit.lr, edit.forget_coef) == (expected["lr"], expected["forget_coef"]), (setting, method)
-      old = default.cell_spec(cell).edit
-      assert (old.steps, old.forget_batch_size, old.num_microbatches) == (30, 16, 1)
+      edit = short.cell_spec(cell).edit
+      # The short-budget study's cells were run with whole batches of 16: the same
+      # config, so its finished cells are read back rather than rerun.
+      assert (edit.steps, edit.forget_batch_size, edit.maintain_batch_size, edit.retain_batch_size) == (30, 16, 16, 16)
+      assert edit.num_microbatches == 1
+      tuned = common.TUNED_EDIT["short"][family]
+      assert (edit.lr, edit.forget_coef) == (tuned["lr"], tuned["forget_coef"]), (setting, method)
       # The edit is not part of the shared outputs' key: the two studies can share them.
       assert study.shared_outputs(reference.cell_spec(cell), setting, run_lib.pathlib.Path("w")) == study.shared_outputs(
-        default.cell_spec(cell), setting, run_lib.pathlib.Path("w")
+        short.cell_spec(cell), setting, run_lib.pathlib.Path("w")
       )
-  tiny = study.StudyConfig.from_dict(study_sports.get_config("tiny,reference_budget").to_dict())
-  assert tiny.cell_spec(tiny.cells()[0]).edit.lr == 3e-5
+  tiny = study.StudyConfig.from_dict(study_sports.get_config("tiny,short_budget").to_dict())
+  assert tiny.cell_spec(tiny.cells()[0]).edit.lr == common.TUNED_EDIT["short"]["fact_lookup"]["lr"]
   with pytest.raises(ValueError, match="expected nothing or"):
-    study_sports.get_config("reference")
+    study_sports.get_config("short")
+  with pytest.raises(ValueError, match="exclude each other"):
+    study_sports.get_config("short_budget,reference_budget")
 
 
 def test_bad_setting_override_names_setting_and_key():
