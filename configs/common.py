@@ -34,7 +34,8 @@ SHORT_BUDGET = {
 # that made them: docs/sweeps.md. CounterFact runs use the same values (not tuned there).
 TUNED_EDIT = {
     "reference": {
-        "fact_lookup": {"lr": 3e-5, "forget_coef": 0.3},
+        "fact_lookup": {"lr": 3e-5, "forget_coef": 3.0},
+        # lr stage done; c_f is the short budget's until its c_f stage lands.
         "output_tracing": {"lr": 3e-5, "forget_coef": 1.0},
         "nonlocalized": {"lr": 3e-6, "forget_coef": 3.0},
     },

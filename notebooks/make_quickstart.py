@@ -137,6 +137,7 @@ else:
   c.localize.ct.num_samples = 4
   c.edit.steps = 16
   c.edit.lr = 2e-4
+  c.edit.forget_coef = 0.3
   c.edit.forget_batch_size = c.edit.maintain_batch_size = c.edit.retain_batch_size = 8
   lora = c.robustness.relearn_lora
   lora.training.steps = 10

@@ -34,11 +34,11 @@ from mech_unlearn_jax.localize.select import LocalizeConfig
 def _default_edit() -> train_lib.EditConfig:
   # The main job's edit: METHOD §3's optimizer (AdamW, wd 0, cosine to 0, clip 1.0) and
   # budget (50 steps of 64 examples per term; a cheaper budget was measured not to give
-  # the same metrics: docs/findings/budget.md), at fact lookup's lr tuned there.
+  # the same metrics: docs/findings/budget.md), at fact lookup's lr and c_f tuned there.
   # 4 accumulated micro-batches of 16: the same gradient, with the step's scratch
   # memory that of 16 examples (the retain term's [16 x 32, 262k] logits dominate it).
   return train_lib.EditConfig(
-      steps=50, lr=3e-5, forget_batch_size=64, maintain_batch_size=64,
+      steps=50, lr=3e-5, forget_coef=3.0, forget_batch_size=64, maintain_batch_size=64,
       retain_batch_size=64, num_microbatches=4, checkpoint_every=10,
   )
 
