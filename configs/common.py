@@ -35,7 +35,8 @@ SHORT_BUDGET = {
 TUNED_EDIT = {
     "reference": {
         "fact_lookup": {"lr": 3e-5, "forget_coef": 3.0},
-        # lr stage done; c_f is the short budget's until its c_f stage lands.
+        # These two: lr stage done at this budget; c_f is the short budget's until
+        # their c_f stage lands (docs/sweeps.md).
         "output_tracing": {"lr": 3e-5, "forget_coef": 1.0},
         "nonlocalized": {"lr": 3e-6, "forget_coef": 3.0},
     },
