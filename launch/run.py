@@ -10,7 +10,20 @@ config argument names `short_budget` (30 steps of 16, the earlier default; see
 
 Rerunning with the same --workdir resumes: finished stages are read back and the edit
 continues from its latest checkpoint; a finished run only re-reports.
+
+Runs of one setting with other methods or edit values can share the stages that do not
+depend on them (knowledge filter, fact-lookup evidence, the unedited model's evaluation
+and robustness control: a quarter hour of a default run here) through one folder:
+
+  python -m launch.run --config=configs/sports_first16.py --workdir=runs/flu --shared_dir=runs/shared
+  python -m launch.run --config=configs/sports_first16.py:ap --workdir=runs/ap --shared_dir=runs/shared
+
+Its subfolders are keyed by what each output depends on
+(`experiment.run.keyed_shared_outputs`), so a run that differs in any of that (another
+seed, split or model) computes its own.
 """
+
+import pathlib
 
 import sys
 
@@ -22,6 +35,9 @@ from launch import common
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/sports_first16.py", "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where results and checkpoints go.", required=True)
+flags.DEFINE_string(
+    "shared_dir", "", "Share the method- and edit-independent stages with other runs through this folder."
+)
 
 
 def main(argv):
@@ -32,7 +48,11 @@ def main(argv):
 
   def job():
     spec = experiment.ExperimentSpec.from_dict(FLAGS.config.to_dict())
-    experiment.run_experiment(spec, FLAGS.workdir)
+    shared = None
+    if FLAGS.shared_dir:
+      setting = f"{spec.data.task}_{spec.data.split}"
+      shared = experiment.keyed_shared_outputs(spec, pathlib.Path(FLAGS.shared_dir), setting)
+    experiment.run_experiment(spec, FLAGS.workdir, shared=shared)
     with open(f"{FLAGS.workdir}/results.md") as f:
       print(f.read())
 

@@ -225,6 +225,21 @@ def scenario_nan(root: pathlib.Path) -> dict:
   return {"rc": rc, "stderr": err, "workdir": workdir}
 
 
+def scenario_shared(root: pathlib.Path) -> dict:
+  """Two methods of one setting through one --shared_dir: the second reads back the
+  knowledge filter, the fact-lookup evidence and the unedited evaluation."""
+  shared = root / "shared"
+  first = finished(run_main(root / "shared_flu", f"--shared_dir={shared}"))
+  unedited = sorted(shared.glob("sports_first_4-*/seed0/unedited/evaluation/unedited.json"))
+  before = {p: p.stat().st_mtime_ns for p in shared.rglob("*") if p.is_file()}
+  args = ["--config=configs/sports_first16.py:random_mlps,tiny", *TINY[1:], f"--workdir={root / 'shared_rmlp'}",
+          f"--shared_dir={shared}"]
+  second = finished(Launch("launch.run", args))
+  after = {p: p.stat().st_mtime_ns for p in shared.rglob("*") if p.is_file()}
+  return {"first": first, "second": second, "unedited": unedited, "before": before, "after": after,
+          "workdirs": (root / "shared_flu", root / "shared_rmlp")}
+
+
 def scenario_changed_input(root: pathlib.Path) -> dict:
   """A run on a CSV records its fingerprint; the CSV changes; the rerun is refused."""
   from mech_unlearn_jax.data import facts as facts_lib  # pylint: disable=g-import-not-at-top
@@ -337,7 +352,7 @@ def scenarios(tmp_path_factory):
 
   def third_lane():
     results = {"bad_configs": scenario_bad_configs(root), "changed": scenario_changed_input(root),
-               "launchers": scenario_launchers(root), "nan": scenario_nan(root)}
+               "launchers": scenario_launchers(root), "nan": scenario_nan(root), "shared": scenario_shared(root)}
     results["read_only"] = after_reference(scenario_read_only)()
     return results
 
@@ -433,6 +448,23 @@ def test_changed_input_file_is_refused_naming_the_input(scenarios):
   assert changed["recorded"]
   assert_one_line_error(changed["rc"], changed["stderr"], r"InputsChangedError", r"config\.data\.sports_source",
                         r"athletes_small\.csv", r"restore the original input", r"new --workdir")
+
+
+def test_runs_of_one_setting_share_the_method_independent_stages(scenarios):
+  shared = _lane3(scenarios, "shared")
+  for rc, _, err in (shared["first"], shared["second"]):
+    assert rc == 0, err[-3000:]
+  assert len(shared["unedited"]) == 1  # one setting folder, one seed
+  # The second method computed nothing the first had written: every shared file is
+  # the same file, untouched, and neither workdir holds its own copy.
+  assert shared["after"] == shared["before"]
+  assert any(p.name.startswith("sports-") for p in shared["before"] if p.parent.name == "knowledge")
+  assert any("evidence" in p.parts for p in shared["before"])
+  for workdir in shared["workdirs"]:
+    assert not (workdir / "knowledge.json").exists() and not (workdir / "evaluation" / "unedited.json").exists()
+    assert (workdir / "evaluation" / "edited.json").is_file() and (workdir / "results.json").is_file()
+  flu, rmlp = (json.loads((w / "results.json").read_text()) for w in shared["workdirs"])
+  assert flu["localization"]["method"] == "fact_lookup" and rmlp["localization"]["method"] == "random_mlps"
 
 
 def test_truncated_stage_output_names_the_file_and_the_remedy(scenarios):

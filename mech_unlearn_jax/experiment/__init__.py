@@ -7,11 +7,12 @@
   run.py      `run_experiment(spec, workdir)`: the stages in order, resumable
 """
 
-from mech_unlearn_jax.experiment.run import SharedOutputs, attack_only, localize_only, run_experiment
+from mech_unlearn_jax.experiment.run import SharedOutputs, attack_only, keyed_shared_outputs, localize_only, run_experiment
 from mech_unlearn_jax.experiment.schema import ConfigError
 from mech_unlearn_jax.experiment.spec import ExperimentSpec, default_config_dict
 
 __all__ = [
-    "attack_only", "ConfigError", "ExperimentSpec", "SharedOutputs", "default_config_dict", "localize_only",
+    "attack_only", "ConfigError", "ExperimentSpec", "SharedOutputs", "default_config_dict", "keyed_shared_outputs",
+    "localize_only",
     "run_experiment",
 ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -111,6 +112,69 @@ def experiment_part(record: dict[str, Any]) -> dict[str, Any]:
   out = {k: v for k, v in record.items() if k != "mesh"}
   out.setdefault("compute_dtype", "float32")
   return out
+
+
+# Knowledge-filter inputs: the filter is shared by every run that agrees on these.
+_KNOWLEDGE_DATA_KEYS = (
+    "task",
+    "sports_source",
+    "counterfact_path",
+    "counterfact_mc_path",
+    "known_threshold",
+    "known_measure",
+    "known_candidates",
+    "max_facts",
+)
+
+
+def _digest(record: Any) -> str:
+  return hashlib.sha256(json.dumps(io.to_jsonable(record), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _is_tiny(spec: ExperimentSpec) -> bool:
+  return spec.model.startswith("tiny-")
+
+
+def _setting_key(record: dict[str, Any]) -> dict[str, Any]:
+  """What of a config record names its shared outputs: the experiment part (not where
+  it ran) without the edit's settings, which none of them depends on (each method
+  family has its own tuned edit, and all of them share one knowledge filter, evidence
+  and unedited control); the float32 default is left out so that folders written
+  before the compute-dtype switch existed keep their names."""
+  key = experiment_part(record)
+  key.pop("edit", None)
+  if key.get("compute_dtype") == "float32":
+    del key["compute_dtype"]
+  return key
+
+
+def keyed_shared_outputs(spec: ExperimentSpec, root: pathlib.Path, setting: str) -> SharedOutputs:
+  """Shared stage outputs under `root`, keyed so that runs share exactly what they agree on.
+
+  The knowledge filter is keyed by the model and the data keys it reads; the
+  fact-lookup evidence and the unedited control by everything of the experiment but
+  the localization method, the edit and the seed, under `setting` (a readable name)
+  and one folder per seed. Runs of different methods or edit values of one setting
+  (a study's cells, `launch.run --shared_dir`) so compute each of them once; a run
+  that differs in anything they depend on gets its own folders.
+  """
+  record = spec.to_json()
+  data = record["data"]
+  knowledge_key = {
+      "model": spec.model,
+      "eval_batch_size": spec.eval.batch_size,
+      # Random tiny models differ per seed, so their knowledge does too.
+      "model_seed": spec.seed if _is_tiny(spec) else None,
+      **{k: data[k] for k in _KNOWLEDGE_DATA_KEYS},
+  }
+  # Everything but the method and the seed (the seed names the folder).
+  setting_record = ExperimentSpec.from_json(dict(record, seed=0, localize=dict(record["localize"], method="fact_lookup")))
+  folder = root / f"{setting}-{_digest(_setting_key(setting_record.to_json()))}" / f"seed{spec.seed}"
+  return SharedOutputs(
+      knowledge=root / "knowledge" / f"{spec.data.task}-{_digest(knowledge_key)}.json",
+      evidence_dir=folder / "evidence",
+      unedited_dir=folder / "unedited",
+  )
 
 
 def place_model(model: Any, mesh_config: sharding.MeshConfig) -> Any:

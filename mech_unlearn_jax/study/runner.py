@@ -4,7 +4,6 @@ mask records and resuming (see the package docstring for the workdir layout)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -28,61 +27,14 @@ from mech_unlearn_jax.study.aggregate import StudyData, finished_cells
 from mech_unlearn_jax.study.report import write_outputs
 
 
-# Knowledge-filter inputs: the filter is shared by every cell that agrees on these.
-_KNOWLEDGE_DATA_KEYS = (
-  "task",
-  "sports_source",
-  "counterfact_path",
-  "counterfact_mc_path",
-  "known_threshold",
-  "known_measure",
-  "known_candidates",
-  "max_facts",
-)
-
-
-def _digest(record: Any) -> str:
-  return hashlib.sha256(json.dumps(io.to_jsonable(record), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def _setting_key(record: dict[str, Any]) -> dict[str, Any]:
-  """What of a setting's config record names its shared outputs: the experiment part
-  (not where it ran) without the edit's settings, which none of them depends on (each
-  method family has its own tuned edit, and all of them share one knowledge filter,
-  evidence and unedited control); the float32 default is left out so that folders
-  written before the compute-dtype switch existed keep their names."""
-  key = run_lib.experiment_part(record)
-  key.pop("edit", None)
-  if key.get("compute_dtype") == "float32":
-    del key["compute_dtype"]
-  return key
-
-
 def _tiny(spec: ExperimentSpec) -> bool:
   return spec.model.startswith("tiny-")
 
 
 def shared_outputs(spec: ExperimentSpec, setting: str, workdir: pathlib.Path) -> run_lib.SharedOutputs:
-  """Where a cell's shared stage outputs live (see the package docstring)."""
-  record = spec.to_json()
-  data = record["data"]
-  knowledge_key = {
-    "model": spec.model,
-    "eval_batch_size": spec.eval.batch_size,
-    # Random tiny models differ per seed, so their knowledge does too.
-    "model_seed": spec.seed if _tiny(spec) else None,
-    **{k: data[k] for k in _KNOWLEDGE_DATA_KEYS},
-  }
-  # Everything but the method and the seed (the seed names the folder).
-  setting_record = ExperimentSpec.from_json(
-    dict(record, seed=0, localize=dict(record["localize"], method="fact_lookup"))
-  )
-  root = workdir / "shared" / f"{setting}-{_digest(_setting_key(setting_record.to_json()))}" / f"seed{spec.seed}"
-  return run_lib.SharedOutputs(
-    knowledge=workdir / "shared" / "knowledge" / f"{spec.data.task}-{_digest(knowledge_key)}.json",
-    evidence_dir=root / "evidence",
-    unedited_dir=root / "unedited",
-  )
+  """Where a cell's shared stage outputs live: `workdir/shared`, keyed as
+  `run_lib.keyed_shared_outputs` says (see the package docstring)."""
+  return run_lib.keyed_shared_outputs(spec, workdir / "shared", setting)
 
 
 @dataclasses.dataclass(frozen=True)
