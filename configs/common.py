@@ -35,9 +35,9 @@ SHORT_BUDGET = {
 TUNED_EDIT = {
     "reference": {
         "fact_lookup": {"lr": 3e-5, "forget_coef": 3.0},
-        # These two: lr stage done at this budget; c_f is the short budget's until
-        # their c_f stage lands (docs/sweeps.md).
-        "output_tracing": {"lr": 3e-5, "forget_coef": 1.0},
+        "output_tracing": {"lr": 3e-5, "forget_coef": 3.0},
+        # lr stage done at this budget; c_f is the short budget's until this family's
+        # c_f stage lands (docs/sweeps.md).
         "nonlocalized": {"lr": 3e-6, "forget_coef": 3.0},
     },
     "short": {

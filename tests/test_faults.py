@@ -227,17 +227,23 @@ def scenario_nan(root: pathlib.Path) -> dict:
 
 def scenario_shared(root: pathlib.Path) -> dict:
   """Two methods of one setting through one --shared_dir: the second reads back the
-  knowledge filter, the fact-lookup evidence and the unedited evaluation."""
+  knowledge filter, the fact-lookup evidence (both methods' budget comes from it) and
+  the unedited evaluation. (The tiny fact-lookup config pins its layers, so it would
+  not compute the evidence; random MLPs and AP both run the rule.)"""
   shared = root / "shared"
-  first = finished(run_main(root / "shared_flu", f"--shared_dir={shared}"))
+
+  def launch(method: str, workdir: pathlib.Path) -> Launch:
+    args = [f"--config=configs/sports_first16.py:{method},tiny", *TINY[1:], f"--workdir={workdir}",
+            f"--shared_dir={shared}"]
+    return Launch("launch.run", args)
+
+  first = finished(launch("random_mlps", root / "shared_rmlp"))
   unedited = sorted(shared.glob("sports_first_4-*/seed0/unedited/evaluation/unedited.json"))
   before = {p: p.stat().st_mtime_ns for p in shared.rglob("*") if p.is_file()}
-  args = ["--config=configs/sports_first16.py:random_mlps,tiny", *TINY[1:], f"--workdir={root / 'shared_rmlp'}",
-          f"--shared_dir={shared}"]
-  second = finished(Launch("launch.run", args))
+  second = finished(launch("ap", root / "shared_ap"))
   after = {p: p.stat().st_mtime_ns for p in shared.rglob("*") if p.is_file()}
   return {"first": first, "second": second, "unedited": unedited, "before": before, "after": after,
-          "workdirs": (root / "shared_flu", root / "shared_rmlp")}
+          "workdirs": (root / "shared_rmlp", root / "shared_ap")}
 
 
 def scenario_changed_input(root: pathlib.Path) -> dict:
@@ -455,16 +461,21 @@ def test_runs_of_one_setting_share_the_method_independent_stages(scenarios):
   for rc, _, err in (shared["first"], shared["second"]):
     assert rc == 0, err[-3000:]
   assert len(shared["unedited"]) == 1  # one setting folder, one seed
-  # The second method computed nothing the first had written: every shared file is
-  # the same file, untouched, and neither workdir holds its own copy.
-  assert shared["after"] == shared["before"]
+  # The second method recomputed nothing the first had written: every shared file is
+  # the same file, untouched, and neither workdir holds its own copy. It may add its
+  # own method's scores to the shared evidence (AP's, which AP-MLPs reuse), nothing else.
+  assert {p: shared["after"][p] for p in shared["before"]} == shared["before"]
+  added = set(shared["after"]) - set(shared["before"])
+  assert all("evidence" in p.parts for p in added), added
   assert any(p.name.startswith("sports-") for p in shared["before"] if p.parent.name == "knowledge")
   assert any("evidence" in p.parts for p in shared["before"])
   for workdir in shared["workdirs"]:
     assert not (workdir / "knowledge.json").exists() and not (workdir / "evaluation" / "unedited.json").exists()
     assert (workdir / "evaluation" / "edited.json").is_file() and (workdir / "results.json").is_file()
-  flu, rmlp = (json.loads((w / "results.json").read_text()) for w in shared["workdirs"])
-  assert flu["localization"]["method"] == "fact_lookup" and rmlp["localization"]["method"] == "random_mlps"
+  rmlp, ap = (json.loads((w / "results.json").read_text()) for w in shared["workdirs"])
+  assert rmlp["localization"]["method"] == "random_mlps" and ap["localization"]["method"] == "ap"
+  # Both budgets come from the one shared evidence.
+  assert rmlp["localization"]["flu_budget"] == ap["localization"]["flu_budget"] > 0
 
 
 def test_truncated_stage_output_names_the_file_and_the_remedy(scenarios):
