@@ -131,7 +131,8 @@ def _digest(record: Any) -> str:
   return hashlib.sha256(json.dumps(io.to_jsonable(record), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _is_tiny(spec: ExperimentSpec) -> bool:
+def is_tiny(spec: ExperimentSpec) -> bool:
+  """A random tiny preset (its weights, and so its knowledge, depend on the seed)."""
   return spec.model.startswith("tiny-")
 
 
@@ -164,7 +165,7 @@ def keyed_shared_outputs(spec: ExperimentSpec, root: pathlib.Path, setting: str)
       "model": spec.model,
       "eval_batch_size": spec.eval.batch_size,
       # Random tiny models differ per seed, so their knowledge does too.
-      "model_seed": spec.seed if _is_tiny(spec) else None,
+      "model_seed": spec.seed if is_tiny(spec) else None,
       **{k: data[k] for k in _KNOWLEDGE_DATA_KEYS},
   }
   # Everything but the method and the seed (the seed names the folder).

@@ -27,10 +27,6 @@ from mech_unlearn_jax.study.aggregate import StudyData, finished_cells
 from mech_unlearn_jax.study.report import write_outputs
 
 
-def _tiny(spec: ExperimentSpec) -> bool:
-  return spec.model.startswith("tiny-")
-
-
 def shared_outputs(spec: ExperimentSpec, setting: str, workdir: pathlib.Path) -> run_lib.SharedOutputs:
   """Where a cell's shared stage outputs live: `workdir/shared`, keyed as
   `run_lib.keyed_shared_outputs` says (see the package docstring)."""
@@ -134,9 +130,9 @@ class _Models:
     self._cache: dict[tuple[str, int | None], tuple[Any, Any]] = {}
 
   def get(self, spec: ExperimentSpec) -> tuple[Any, Any]:
-    key = (spec.model, spec.seed if _tiny(spec) else None)
+    key = (spec.model, spec.seed if run_lib.is_tiny(spec) else None)
     if key not in self._cache:
-      if not _tiny(spec):
+      if not run_lib.is_tiny(spec):
         self._cache.clear()  # one real model in memory at a time
       with progress.stage("study: load model") as info:
         self._cache[key] = self._loader(spec.model, spec.seed)
