@@ -36,8 +36,6 @@ TUNED_EDIT = {
     "reference": {
         "fact_lookup": {"lr": 3e-5, "forget_coef": 3.0},
         "output_tracing": {"lr": 3e-5, "forget_coef": 3.0},
-        # lr stage done at this budget; c_f is the short budget's until this family's
-        # c_f stage lands (docs/sweeps.md).
         "nonlocalized": {"lr": 3e-6, "forget_coef": 3.0},
     },
     "short": {
