@@ -20,6 +20,8 @@ step's cost does not depend on the text).
 
 Per attacker: compile time, step time (median of --steps, wall and process CPU),
 XLA's FLOPs of the compiled step (times the micro-batches of an accumulating step),
+XLA's memory of the compiled step (its scratch, `temp`, and its inputs, `args`: the
+train state, the frozen weights and the batch),
 MFU (XLA FLOPs per CPU-second of the step over an fp32 matmul's, timed in this
 process, so a background load does not distort it),
 and the training cost of the whole attack at its configured steps and number of
@@ -139,6 +141,11 @@ def time_training(params, trainable, update_mask, data, config, timed_steps: int
   # once: the step does num_microbatches times that (the optimizer update, outside the
   # loop, is a rounding error next to the forward and backward passes).
   flops *= config.num_microbatches
+  # What the step holds besides its inputs (activations, logits, gradients, optimizer
+  # temporaries): independent of the machine's load, unlike the times.
+  memory = compiled.memory_analysis()
+  temp_mib = memory.temp_size_in_bytes / 2**20 if memory is not None else float("nan")
+  args_mib = memory.argument_size_in_bytes / 2**20 if memory is not None else float("nan")
   walls, cpus = [], []
   state, metrics = compiled(state, batch, rng, trainable=trainable, update_mask=update_mask)
   jax.block_until_ready(metrics)
@@ -152,7 +159,7 @@ def time_training(params, trainable, update_mask, data, config, timed_steps: int
   return {
       "trained_params": train_lib.count_parameters(params), "trace_s": trace_s, "compile_s": compile_s,
       "step_s": statistics.median(walls), "step_cpu_s": cpu, "xla_gflop": flops / 1e9,
-      "mfu_cpu_time": flops / cpu / peak_cpu,
+      "mfu_cpu_time": flops / cpu / peak_cpu, "temp_mib": temp_mib, "args_mib": args_mib,
   }
 
 
@@ -198,13 +205,15 @@ def main(argv):
   for name in edit_rows:
     r = rows[name]
     print(f"{name}: {r['steps']} steps x {r['examples']} examples per term in {r['microbatches']} micro-batch(es)")
-  header = ("attacker", "trained", "steps x attacks", "compile s", "step s", "step CPU s", "XLA GFLOP", "MFU (CPU)", "training CPU s", "vs edit")
+  header = ("attacker", "trained", "steps x attacks", "compile s", "step s", "step CPU s", "XLA GFLOP", "MFU (CPU)",
+            "training CPU s", "vs edit", "XLA temp MiB", "args MiB")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   edit_cpu = rows[edit_rows[0]]["training_cpu_s"] if edit_rows else None
   for name, r in rows.items():
     ratio = f"{r['training_cpu_s'] / edit_cpu:.2f}x" if edit_cpu else "-"
     print(f"| {name} | {r['trained_params']:,} | {r['steps']} x {r['attacks']} | {r['compile_s']:.1f} | {r['step_s']:.2f} |"
-          f" {r['step_cpu_s']:.2f} | {r['xla_gflop']:.1f} | {r['mfu_cpu_time']:.0%} | {r['training_cpu_s']:.0f} | {ratio} |")
+          f" {r['step_cpu_s']:.2f} | {r['xla_gflop']:.1f} | {r['mfu_cpu_time']:.0%} | {r['training_cpu_s']:.0f} | {ratio} |"
+          f" {r['temp_mib']:.0f} | {r['args_mib']:.0f} |")
   if edit_rows and len(scans) == 1:
     attacks = sum(r["training_cpu_s"] for n, r in rows.items() if n not in edit_rows)
     for name in edit_rows:
