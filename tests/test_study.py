@@ -660,3 +660,27 @@ def test_neighborhood_is_reported_as_a_side_effect_not_a_forget_format(tmp_path)
   side_claim = next(c for k, c in claims.items() if "side effects" in k)
   assert "forget_neighborhood" not in json.dumps(formats_claim)
   assert "forget_neighborhood" in json.dumps(side_claim)
+
+
+def test_sync_shared_copies_missing_and_upgraded_outputs_only(tmp_path):
+  import os
+
+  src, dst = tmp_path / "workdir_shared", tmp_path / "results_shared"
+  io.write_json(src / "k" / "seed0" / "evaluation.json", {"cells": [], "version": 2})
+  io.write_json(src / "k" / "seed0" / "same.json", {"a": 1})
+  io.write_json(src / "k" / "seed0" / "local.json", {"kept": "newer in dst"})
+  (src / "k" / "big.txt").write_text("not a kept suffix")
+  io.write_json(dst / "k" / "seed0" / "evaluation.json", {"cells": [], "version": 1})
+  io.write_json(dst / "k" / "seed0" / "same.json", {"a": 1})
+  io.write_json(dst / "k" / "seed0" / "local.json", {"kept": "this one"})
+  # dst's evaluation is older than src's (an upgraded output); dst's local.json is newer.
+  os.utime(dst / "k" / "seed0" / "evaluation.json", (1_000, 1_000))
+  os.utime(src / "k" / "seed0" / "local.json", (1_000, 1_000))
+
+  assert study.sync_shared(src, dst) == 1
+  assert io.read_json(dst / "k" / "seed0" / "evaluation.json")["version"] == 2
+  assert io.read_json(dst / "k" / "seed0" / "local.json") == {"kept": "this one"}
+  assert not (dst / "k" / "big.txt").exists()
+  io.write_json(src / "k" / "seed1" / "new.json", {"b": 2})
+  assert study.sync_shared(src, dst) == 1  # only the new file; nothing else differs
+  assert study.sync_shared(src, dst) == 0

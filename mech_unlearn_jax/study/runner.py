@@ -221,9 +221,13 @@ _KEPT_SHARED_MAX_BYTES = 4 << 20
 
 
 def sync_shared(src: str | os.PathLike, dst: str | os.PathLike) -> int:
-  """Copies every kept shared output under `src` that `dst` lacks (atomically, so a
-  killed copy leaves no half-written file); returns how many were copied. Names carry
-  the settings' config hashes, so a copied file is only ever read by the same config."""
+  """Copies every kept shared output under `src` that `dst` lacks, or holds in an
+  older, different version (atomically, so a killed copy leaves no half-written file);
+  returns how many were copied. Names carry the settings' config hashes, so a copied
+  file is only ever read by the same config. A shared output is rewritten only when a
+  stage upgrades an output recorded by older code (e.g. evaluation cells without fact
+  counts); the newer file wins, so the upgrade reaches the results folder and a later
+  workdir restored from it does not redo it."""
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   if not src.is_dir():
     return 0
@@ -234,8 +238,10 @@ def sync_shared(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     if path.stat().st_size > _KEPT_SHARED_MAX_BYTES:
       continue
     target = dst / path.relative_to(src)
-    if not target.exists():
-      io.write_bytes(target, path.read_bytes())
+    data = path.read_bytes()
+    stale = target.exists() and target.stat().st_mtime < path.stat().st_mtime and target.read_bytes() != data
+    if not target.exists() or stale:
+      io.write_bytes(target, data)
       copied += 1
   return copied
 
