@@ -238,11 +238,11 @@ def sync_shared(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     if path.stat().st_size > _KEPT_SHARED_MAX_BYTES:
       continue
     target = dst / path.relative_to(src)
-    data = path.read_bytes()
-    stale = target.exists() and target.stat().st_mtime < path.stat().st_mtime and target.read_bytes() != data
-    if not target.exists() or stale:
-      io.write_bytes(target, data)
-      copied += 1
+    # Read contents only for an existing, older target (the rare upgrade case).
+    if target.exists() and (target.stat().st_mtime >= path.stat().st_mtime or target.read_bytes() == path.read_bytes()):
+      continue
+    io.write_bytes(target, path.read_bytes())
+    copied += 1
   return copied
 
 
