@@ -289,22 +289,22 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   assert study.same_mask_contrasts(study.collect(config, tmp_path), facts) is None
   identical = "Identical to the claims above"
   assert identical not in study.study_markdown(data, {})  # ap's c_f differs from fact lookup's
+
+  def set_ap_forget_coef(value):
+    for seed in config.seeds:
+      path = tmp_path / "cells" / f"facts__ap__seed{seed}.json"
+      s = io.read_json(path)
+      s["spec"]["edit"]["forget_coef"] = value
+      io.write_json(path, s)
+
   # When every comparator trained with fact lookup's edit config, the matched control is
   # the main protocol again: said once instead of repeated.
-  for seed in config.seeds:
-    path = tmp_path / "cells" / f"facts__ap__seed{seed}.json"
-    s = io.read_json(path)
-    s["spec"]["edit"]["forget_coef"] = 0.3
-    io.write_json(path, s)
+  set_ap_forget_coef(0.3)
   data = study.collect(config, tmp_path)
   assert study.claims(data, matched=True)
   text = study.study_markdown(data, {})
   assert identical in text and "matched edit hyperparameters" not in text.split(identical)[1]
-  for seed in config.seeds:
-    path = tmp_path / "cells" / f"facts__ap__seed{seed}.json"
-    s = io.read_json(path)
-    s["spec"]["edit"]["forget_coef"] = 1.0
-    io.write_json(path, s)
+  set_ap_forget_coef(1.0)
   # Without a same-mask cell at ap's config there is nothing to pair.
   set_ap_jaccard(set())
   for seed in config.seeds:
