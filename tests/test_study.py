@@ -549,6 +549,42 @@ def test_intervals_are_cut_to_the_metrics_range():
   assert study.aggregate._fmt_interval(study.Interval(1, 0.5, None, None, None), "forget_qa") == "0.500 (n=1)"
 
 
+def test_figures_draw_a_copied_method_once_and_cut_intervals_to_the_range(tmp_path):
+  config = study.StudyConfig(
+    settings=(study.StudySetting("facts", "sports", "random_16"),),
+    methods=("fact_lookup", "ct", "ap_mlps", "ct_mlps"),
+    seeds=(0, 1),
+  )
+  unedited = {"forget_standard": 0.8, "forget_qa": 0.7, "retain_kl": 0.0}
+  # ct_mlps copies fact lookup in both seeds; ct too, once through ct_mlps (a chain);
+  # ap_mlps copies it in seed 1 only, so it ran in seed 0 and is drawn.
+  reused = {("ct_mlps", 0): "fact_lookup", ("ct_mlps", 1): "fact_lookup", ("ct", 0): "ct_mlps",
+            ("ct", 1): "fact_lookup", ("ap_mlps", 1): "fact_lookup"}
+  for seed in config.seeds:
+    for method in config.methods:
+      kl = {0: 0.001, 1: 0.2}[seed] if method != "ap_mlps" or seed == 1 else 0.05
+      m = {"forget_standard": 0.1, "forget_qa": 0.2, "retain_kl": kl, "relearn_lora_forget_step20": 0.5}
+      s = _summary("facts", method, seed, m, unedited)
+      if (method, seed) in reused:
+        s["reused_from"] = reused[(method, seed)]
+      io.write_json(tmp_path / "cells" / f"facts__{method}__seed{seed}.json", s)
+  data = study.collect(config, tmp_path)
+  assert study.report.copied_methods(data, "facts") == {"ct_mlps": "fact_lookup", "ct": "fact_lookup"}
+  assert study.report.plotted_methods(data, "facts", "forget_qa") == [
+    ("unedited", "unedited"),
+    ("fact_lookup", "fact_lookup (= ct, ct_mlps: the same edit)"),
+    ("ap_mlps", "ap_mlps"),
+  ]
+  # Two seeds at KL 0.001 and 0.2: the t-interval runs far below zero; drawn from 0.
+  raw = data.interval("facts", "fact_lookup", "retain_kl")
+  assert raw.lo < 0
+  _, mean, lo, hi = study.report._series(data, "facts", "fact_lookup", ["retain_kl"])
+  assert lo == [0.0] and hi == [pytest.approx(raw.hi)] and mean == [pytest.approx(0.1005)]
+  study.write_outputs(config, tmp_path)
+  assert (tmp_path / "figures" / "facts_formats_vs_side_effects.png").is_file()
+  assert (tmp_path / "figures" / "facts_relearning.png").is_file()
+
+
 def test_a_cell_with_a_finished_twin_takes_its_results_which_equal_a_real_run(tmp_path):
   # On the tiny model, seed 2's AP-MLPs and CT-MLPs masks are the same MLP and both
   # methods are in the output-tracing tuning family: the same edit.

@@ -150,11 +150,12 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 _UNBOUNDED_METRICS = ("trained_parameters", "cell_seconds", "retain_kl", "retain_loss")
 
 
-def _clipped(iv: Interval, metric: str) -> Interval:
+def clipped_to_range(iv: Interval, metric: str) -> Interval:
   """The interval cut to the metric's range ([0, 1] for probabilities, >= 0 for the rest).
 
   With two or three seeds a t-interval is wide (t = 12.7 at n = 2) and runs past a
-  probability's bounds; the cut only changes how it reads, not what it includes.
+  probability's bounds; the cut only changes how it reads, not what it includes. Tables
+  and figures both show intervals through it.
   """
   if iv.lo is None:
     return iv
@@ -165,7 +166,7 @@ def _clipped(iv: Interval, metric: str) -> Interval:
 def _fmt_interval(iv: Interval | None, metric: str) -> str:
   if iv is None:
     return "-"
-  iv = _clipped(iv, metric)
+  iv = clipped_to_range(iv, metric)
   if metric in ("trained_parameters", "cell_seconds"):
     text = f"{iv.mean:,.0f}"
     return text if iv.lo is None or iv.sd == 0 else f"{text} [{iv.lo:,.0f}, {iv.hi:,.0f}]"

@@ -14,7 +14,7 @@ from mech_unlearn_jax import io
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudyConfig, StudySetting, UNEDITED
 from mech_unlearn_jax.study.metrics import MASK_JACCARD
-from mech_unlearn_jax.study.aggregate import SIDE_EFFECT_FORMATS, StudyData, _fmt_interval, _forget_formats, _formats, _relearn_steps, collect, csv_text
+from mech_unlearn_jax.study.aggregate import SIDE_EFFECT_FORMATS, StudyData, _fmt_interval, clipped_to_range, _forget_formats, _formats, _relearn_steps, collect, csv_text
 from mech_unlearn_jax.study.comparisons import baseline_contrasts, baseline_markdown, claims, claims_markdown, same_mask_contrasts, same_mask_markdown, same_mask_seeds
 
 
@@ -233,10 +233,16 @@ def setting_markdown(data: StudyData, setting: StudySetting) -> str:
   return "\n".join(out)
 
 
+def _plotted_interval(data: StudyData, setting: str, method: str, metric: str):
+  """The interval a figure draws: as the tables show it, cut to the metric's range."""
+  iv = data.interval(setting, method, metric)
+  return None if iv is None else clipped_to_range(iv, metric)
+
+
 def _series(data: StudyData, setting: str, method: str, metrics: Sequence[str]):
   xs, mean, lo, hi = [], [], [], []
   for i, metric in enumerate(metrics):
-    iv = data.interval(setting, method, metric)
+    iv = _plotted_interval(data, setting, method, metric)
     if iv is None:
       continue
     xs.append(i)
@@ -253,17 +259,55 @@ def _color(config: StudyConfig, method: str) -> str:
   return f"C{config.methods.index(method) % 10}"
 
 
+def copied_methods(data: StudyData, setting: str) -> dict[str, str]:
+  """Methods whose every finished cell in `setting` took another method's results.
+
+  A cell that would make exactly a finished cell's edit reuses its results
+  (`runner.find_twin`; the summary's `reused_from`, followed to the cell that ran). When
+  that holds in every seed of a method, its numbers are the other method's: figures draw
+  them once, under the other method's name. Returns {copied method: the method that ran}.
+  """
+  source = {(s["method"], s["seed"]): s.get("reused_from") for s in data.summaries if s["setting"] == setting}
+
+  def root(method: str, seed: int) -> str:
+    seen = {method}
+    while source.get((method, seed)) and source[(method, seed)] not in seen:
+      method = source[(method, seed)]
+      seen.add(method)
+    return method
+
+  roots: dict[str, set[str]] = {}
+  for method, seed in source:
+    roots.setdefault(method, set()).add(root(method, seed))
+  return {m: r.pop() for m, r in roots.items() if len(r) == 1 and m not in r}
+
+
 def _methods_with(data: StudyData, setting: str, metric: str) -> list[str]:
   return [m for m in (UNEDITED,) + data.config.methods if (setting, m, metric) in data.values]
 
 
+def plotted_methods(data: StudyData, setting: str, metric: str) -> list[tuple[str, str]]:
+  """(method, legend label) of each line or point a figure draws for `metric`.
+
+  Methods that only copy another's results (`copied_methods`) are not drawn again (their
+  identical line would hide the other's); the method that ran names them in its label.
+  """
+  copies = copied_methods(data, setting)
+  drawn = [m for m in _methods_with(data, setting, metric) if m not in copies]
+  out = []
+  for m in drawn:
+    same = [c for c, r in copies.items() if r == m and (setting, c, metric) in data.values]
+    out.append((m, m if not same else f"{m} (= {', '.join(same)}: the same edit)"))
+  return out
+
+
 def _plot_methods(ax, data: StudyData, setting: str, metrics: Sequence[str], xs: Sequence[int], band_alpha: float):
   """One line per method (mean over seeds at each x, its interval as a band)."""
-  for m in _methods_with(data, setting, metrics[0]):
+  for m, label in plotted_methods(data, setting, metrics[0]):
     measured, mean, lo, hi = _series(data, setting, m, metrics)
     x = [xs[i] for i in measured]
     color = _color(data.config, m)
-    ax.plot(x, mean, marker="o", ms=3, label=m, color=color, ls="--" if m == UNEDITED else "-")
+    ax.plot(x, mean, marker="o", ms=3, label=label, color=color, ls="--" if m == UNEDITED else "-")
     ax.fill_between(x, lo, hi, alpha=band_alpha, color=color, lw=0)
 
 
@@ -323,8 +367,8 @@ def plot_formats_vs_side_effects(data: StudyData, setting: str, path: pathlib.Pa
   for row, xm in enumerate(xs_metrics):
     for col, f in enumerate(formats):
       ax = axes[row][col]
-      for m in (UNEDITED,) + data.config.methods:
-        ix, iy = data.interval(setting, m, xm), data.interval(setting, m, f"forget_{f}")
+      for m, label in plotted_methods(data, setting, f"forget_{f}"):
+        ix, iy = _plotted_interval(data, setting, m, xm), _plotted_interval(data, setting, m, f"forget_{f}")
         if ix is None or iy is None:
           continue
         err = lambda iv: None if iv.lo is None else [[iv.mean - iv.lo], [iv.hi - iv.mean]]
@@ -337,7 +381,7 @@ def plot_formats_vs_side_effects(data: StudyData, setting: str, path: pathlib.Pa
           ms=4,
           capsize=2,
           color=_color(data.config, m),
-          label=m if row == col == 0 else None,
+          label=label if row == col == 0 else None,
         )
         ax.annotate(m, (ix.mean, iy.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
       k, n = data.format_valid(setting, f)
