@@ -556,9 +556,9 @@ def test_figures_draw_a_copied_method_once_and_cut_intervals_to_the_range(tmp_pa
     seeds=(0, 1),
   )
   unedited = {"forget_standard": 0.8, "forget_qa": 0.7, "retain_kl": 0.0}
-  # ct_mlps copies fact lookup in both seeds; ct too, once through ct_mlps (a chain);
-  # ap_mlps copies it in seed 1 only, so it ran in seed 0 and is drawn.
-  reused = {("ct_mlps", 0): "fact_lookup", ("ct_mlps", 1): "fact_lookup", ("ct", 0): "ct_mlps",
+  # ct_mlps and ct copy fact lookup in both seeds; ap_mlps in seed 1 only, so it ran in
+  # seed 0 and is drawn.
+  reused = {("ct_mlps", 0): "fact_lookup", ("ct_mlps", 1): "fact_lookup", ("ct", 0): "fact_lookup",
             ("ct", 1): "fact_lookup", ("ap_mlps", 1): "fact_lookup"}
   for seed in config.seeds:
     for method in config.methods:

@@ -263,23 +263,16 @@ def copied_methods(data: StudyData, setting: str) -> dict[str, str]:
   """Methods whose every finished cell in `setting` took another method's results.
 
   A cell that would make exactly a finished cell's edit reuses its results
-  (`runner.find_twin`; the summary's `reused_from`, followed to the cell that ran). When
-  that holds in every seed of a method, its numbers are the other method's: figures draw
-  them once, under the other method's name. Returns {copied method: the method that ran}.
+  (`runner.find_twin`, which only picks cells that ran, so the summary's `reused_from`
+  names the method that ran). When that holds in every seed of a method, its numbers are
+  the other method's: figures draw them once, under the other method's name. Returns
+  {copied method: the method that ran}.
   """
-  source = {(s["method"], s["seed"]): s.get("reused_from") for s in data.summaries if s["setting"] == setting}
-
-  def root(method: str, seed: int) -> str:
-    seen = {method}
-    while source.get((method, seed)) and source[(method, seed)] not in seen:
-      method = source[(method, seed)]
-      seen.add(method)
-    return method
-
-  roots: dict[str, set[str]] = {}
-  for method, seed in source:
-    roots.setdefault(method, set()).add(root(method, seed))
-  return {m: r.pop() for m, r in roots.items() if len(r) == 1 and m not in r}
+  sources: dict[str, set[str | None]] = {}
+  for s in data.summaries:
+    if s["setting"] == setting:
+      sources.setdefault(s["method"], set()).add(s.get("reused_from"))
+  return {m: next(iter(r)) for m, r in sources.items() if len(r) == 1 and None not in r}
 
 
 def _methods_with(data: StudyData, setting: str, metric: str) -> list[str]:
