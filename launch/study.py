@@ -38,6 +38,9 @@ flags.DEFINE_bool("commit_results", False, "git-commit --results_dir after every
 # largest (the LoRA step) costs more than compiling it (docs/performance.md).
 FLAGS.set_default("keep_compiled", "auto")
 flags.DEFINE_bool("report_only", False, "Only rebuild study.csv/md and the figures from the finished cells' summaries.")
+flags.DEFINE_bool(
+  "plan", False, "Only print each cell's state (done, reused, started, failed, pending) and the time left; runs nothing."
+)
 
 
 def commit_results(path: str, message: str, attempts: int = 10) -> None:
@@ -73,6 +76,12 @@ def main(argv):
     except ValueError:
       raise ValueError(f"--only_seeds must be integers, got {FLAGS.only_seeds}") from None
     results_dir = FLAGS.results_dir or f"{FLAGS.workdir}/results"
+    if FLAGS.plan:
+      states = study.cell_states(
+        config, FLAGS.workdir, results_dir, FLAGS.only_settings, FLAGS.only_methods, seeds
+      )
+      print(study.plan_markdown(states), end="")
+      return
     if FLAGS.report_only:
       data = study.write_outputs(config, pathlib.Path(results_dir))
       print(f"study: report of {len(data.summaries)} finished cells in {results_dir}/study.md")

@@ -425,8 +425,24 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
     study.run_study(config, tmp_path / "work", out)
   first_dir = tmp_path / "work" / "cells" / "sports_random16" / "fact_lookup" / "seed0"
   assert (first_dir / "evaluation" / "edited.json").is_file()  # the edit had finished
+  # `--plan` reads where the killed cell resumes; no cell has finished to set a pace.
+  states = study.cell_states(config, tmp_path / "work", out)
+  assert [(s.cell.method, s.status) for s in states] == [("fact_lookup", "started"), ("random_mlps", "pending")]
+  assert states[0].seconds > 0 and "edit done; robustness outputs written" in states[0].detail
+  assert study.remaining_seconds(states) is None
+  # A cell killed inside its edit resumes from its latest orbax checkpoint: a copy of
+  # the run folder without the edited evaluation stands for one.
+  killed_in_edit = tmp_path / "plan_check"
+  shutil.copytree(first_dir, study.Cell("sports_random16", "fact_lookup", 0).run_dir(killed_in_edit))
+  shutil.rmtree(study.Cell("sports_random16", "fact_lookup", 0).run_dir(killed_in_edit) / "evaluation")
+  [state, _] = study.cell_states(config, killed_in_edit, out)
+  steps = config.base["edit"]["steps"]
+  assert state.status == "started" and f"edit checkpoint at step {steps} of {steps}" in state.detail, state
   outcomes = study.run_study(config, tmp_path / "work", out, max_cells=1)
   assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "ran")]  # stopped by max_cells
+  states = study.cell_states(config, tmp_path / "work", out)
+  assert [s.status for s in states] == ["done", "pending"]
+  assert study.remaining_seconds(states) == pytest.approx(states[0].seconds)  # one more cell at its pace
   timing = io.read_json(first_dir / "study_timing.json")
   assert len(timing["attempts"]) == 2
   # The killed attempt's stages count too: its edit ran in attempt 0.
@@ -540,6 +556,42 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   assert [o.status for o in outcomes] == ["ran"]
   for rel in kept:  # read back, not recomputed (a recomputed record has its own timing)
     assert (tmp_path / "fresh" / "shared" / rel).read_bytes() == (out / "shared" / rel).read_bytes(), rel
+
+
+def test_plan_states_pace_and_time_left_from_files(tmp_path):
+  config = study.StudyConfig(
+    settings=(study.StudySetting("facts", "sports", "random_16"), study.StudySetting("whole", "sports", "basketball")),
+    methods=("fact_lookup", "ap", "random"),
+    seeds=(0, 1),
+  )
+  work, out = tmp_path / "work", tmp_path / "results"
+  for method, seconds in (("fact_lookup", 100.0), ("random", 300.0)):
+    io.write_json(out / "cells" / f"facts__{method}__seed0.json", dict(_summary("facts", method, 0, {}, {}), cell_seconds=seconds))
+  # A twin's summary names its original; it took seconds and does not set the pace.
+  io.write_json(
+    out / "cells" / "facts__ap__seed0.json",
+    dict(_summary("facts", "ap", 0, {}, {}), reused_from="fact_lookup", cell_seconds=1.0),
+  )
+  # Finished in the workdir, its summary not yet copied to the results folder.
+  io.write_json(study.Cell("facts", "fact_lookup", 1).run_dir(work) / "study_cell.json", dict(
+    _summary("facts", "fact_lookup", 1, {}, {}), cell_seconds=200.0))
+  io.write_json(study.Cell("facts", "ap", 1).run_dir(work) / "study_timing.json", {"attempts": [50.0, 30.0], "stages": []})
+  io.write_json(study.Cell("facts", "random", 1).run_dir(work) / "study_timing.json", {"attempts": [20.0], "stages": []})
+  io.write_json(out / "failures.json", {"facts/random/seed1": "RuntimeError: out of memory"})
+  states = {s.cell.label: s for s in study.cell_states(config, work, out)}
+  assert [(s.status, s.seconds) for s in states.values()][:6] == [
+    ("done", 100.0), ("reused", 1.0), ("done", 300.0), ("done", 200.0), ("started", 80.0), ("failed", 20.0)
+  ]
+  assert states["facts/ap/seed0"].detail == "the same edit as fact_lookup"
+  assert states["facts/ap/seed1"].detail == "2 attempt(s); before the edit's first checkpoint"
+  assert "out of memory" in states["facts/random/seed1"].detail
+  assert {states[f"whole/{m}/seed{k}"].status for m in config.methods for k in (0, 1)} == {"pending"}
+  # Pace: the median of the cells that ran (100, 200, 300 s), borrowed by the setting
+  # without finished cells. Left: ap seed1 (200 - 80), the failed cell, six pending.
+  assert study.remaining_seconds(list(states.values())) == pytest.approx(120.0 + 200.0 + 6 * 200.0)
+  text = study.plan_markdown(list(states.values()))
+  assert "| facts | 3 | 1 | 1 | 1 | 0 | 3 min |" in text and "| whole | 0 | 0 | 0 | 0 | 6 | 3 min (other settings') |" in text
+  assert "4 of 12 cells finished" in text and "- facts/random/seed1: failed, 20 s so far; RuntimeError" in text
 
 
 def test_intervals_are_cut_to_the_metrics_range():

@@ -49,8 +49,9 @@ unedited evaluation and robustness stages.
 The package's modules, in dependency order: `config` (settings, cells, each cell's
 experiment), `metrics` (one cell's metric dict), `aggregate` (values over seeds,
 t-intervals, study.csv), `comparisons` (the paper's claims as paired differences, and
-their controls), `report` (study.md, figures, `write_outputs`) and `runner` (cells,
-shared outputs, twins, mask records, `run_study`). The names below are the API.
+their controls), `report` (study.md, figures, `write_outputs`), `runner` (cells,
+shared outputs, twins, mask records, `run_study`) and `plan` (each cell's state and
+the time left, read from files: `launch.study --plan`). The names below are the API.
 """
 
 from mech_unlearn_jax.study.aggregate import CSV_COLUMNS, Interval, StudyData, collect, csv_text, finished_cells, t_interval
@@ -65,6 +66,7 @@ from mech_unlearn_jax.study.comparisons import (
 )
 from mech_unlearn_jax.study.config import UNEDITED, Cell, StudyConfig, StudySetting
 from mech_unlearn_jax.study.metrics import MASK_JACCARD, cell_metrics, robustness_metrics
+from mech_unlearn_jax.study.plan import CellState, cell_states, plan_markdown, remaining_seconds
 from mech_unlearn_jax.study.report import headline_markdown, per_seed_markdown, setting_markdown, study_markdown, table_columns, write_outputs
 from mech_unlearn_jax.study.runner import (
     CellOutcome,

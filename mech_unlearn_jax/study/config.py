@@ -9,6 +9,7 @@ seeds, the base experiment and each method family's tuned edit hyperparameters;
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,6 +59,10 @@ class Cell:
   @property
   def summary_name(self) -> str:
     return f"{self.setting}__{self.method}__seed{self.seed}.json"
+
+  def run_dir(self, workdir: str | pathlib.Path) -> pathlib.Path:
+    """The cell's run folder in a study workdir (stages, checkpoints, timing)."""
+    return pathlib.Path(workdir) / "cells" / self.setting / self.method / f"seed{self.seed}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,7 +149,7 @@ def run_cell(
   if summary_path.is_file():
     _check_recorded_spec(summary_path, io.read_json(summary_path, "study cell summary"), spec)
     return CellOutcome(cell, "skipped")
-  cell_dir = workdir / "cells" / cell.setting / cell.method / f"seed{cell.seed}"
+  cell_dir = cell.run_dir(workdir)
   timing_path = cell_dir / "study_timing.json"
   recorded = cell_dir / "study_cell.json"
   if recorded.is_file():  # finished in this workdir; the results folder is new
@@ -321,7 +321,7 @@ def backfill_mask_records(
   for cell, path, summary in finished_cells(config, out_dir):
     if "mask_units" in summary:
       continue
-    cell_dir = workdir / "cells" / cell.setting / cell.method / f"seed{cell.seed}"
+    cell_dir = cell.run_dir(workdir)
     try:
       spec = config.cell_spec(cell)
       _check_recorded_spec(path, summary, spec)

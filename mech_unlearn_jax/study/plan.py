@@ -1,0 +1,157 @@
+"""Where a study stands, without running anything: every cell done, reused, started,
+failed or pending, and the time left at the finished cells' pace.
+
+`python -m launch.study --plan` prints `plan_markdown`; a study that spans many
+sessions (a reference-budget cell takes 25-42 minutes on a 2-core CPU) says here which
+cells remain and where a started one will resume. Reads only files: the results
+folder's cell summaries and `failures.json`, and each started cell's run folder (its
+`study_timing.json`, edit checkpoints and stage outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import statistics
+from collections.abc import Sequence
+
+from mech_unlearn_jax import io
+from mech_unlearn_jax.study.config import Cell, StudyConfig
+
+DONE, REUSED, STARTED, FAILED, PENDING = "done", "reused", "started", "failed", "pending"
+
+
+@dataclasses.dataclass(frozen=True)
+class CellState:
+  """One cell's state.
+
+  Attributes:
+    cell: the cell.
+    status: DONE (its summary is in the results folder or its run folder), REUSED (done
+      by taking a finished twin's results), STARTED (attempts recorded, not finished:
+      running now or interrupted; the next run resumes it), FAILED (recorded in
+      `failures.json` by a `--keep_going` run, not finished since), PENDING.
+    seconds: a finished cell's recorded wall time; a started or failed one's attempts
+      so far; 0 for a pending one.
+    detail: where a started cell stands (edit checkpoint, robustness outputs), a
+      reused cell's original, a failed cell's error.
+  """
+
+  cell: Cell
+  status: str
+  seconds: float = 0.0
+  detail: str = ""
+
+
+def _started_detail(run_dir: pathlib.Path, total_steps: int) -> str:
+  """Where a started cell resumes: its latest edit checkpoint, or once the edit is
+  evaluated, how many robustness outputs are written."""
+  robustness = run_dir / "robustness" / "edited"
+  if (run_dir / "evaluation" / "edited.json").is_file():
+    written = sorted(p.stem for p in robustness.glob("*.json")) if robustness.is_dir() else []
+    return f"edit done; robustness outputs written: {', '.join(written) or 'none'}"
+  checkpoints = run_dir / "checkpoints"
+  if checkpoints.is_dir():
+    from mech_unlearn_jax.train import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when needed)
+
+    with checkpoint.CheckpointManager(checkpoints) as manager:
+      step = manager.latest_step()
+    if step is not None:
+      return f"edit checkpoint at step {step} of {total_steps}"
+  return "before the edit's first checkpoint"
+
+
+def cell_states(
+  config: StudyConfig,
+  workdir: str | pathlib.Path,
+  out_dir: str | pathlib.Path,
+  only_settings: Sequence[str] = (),
+  only_methods: Sequence[str] = (),
+  only_seeds: Sequence[int] = (),
+) -> list[CellState]:
+  """The state of every cell of the study (or of the `only_*` subset), in run order."""
+  workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
+  failures_path = out_dir / "failures.json"
+  failures = io.read_json(failures_path, "study failures") if failures_path.is_file() else {}
+  states = []
+  for cell in config.cells(only_settings, only_methods, only_seeds):
+    run_dir = cell.run_dir(workdir)
+    summary_path = out_dir / "cells" / cell.summary_name
+    if not summary_path.is_file():
+      summary_path = run_dir / "study_cell.json"  # finished in this workdir, not yet copied
+    if summary_path.is_file():
+      summary = io.read_json(summary_path, "study cell summary")
+      seconds = float(summary.get("cell_seconds", 0.0))
+      if "reused_from" in summary:
+        states.append(CellState(cell, REUSED, seconds, f"the same edit as {summary['reused_from']}"))
+      else:
+        states.append(CellState(cell, DONE, seconds))
+      continue
+    timing_path = run_dir / "study_timing.json"
+    attempts = io.read_json(timing_path, "cell timing").get("attempts", []) if timing_path.is_file() else []
+    seconds = float(sum(attempts))
+    if cell.label in failures:
+      states.append(CellState(cell, FAILED, seconds, failures[cell.label]))
+    elif attempts:
+      detail = _started_detail(run_dir, config.cell_spec(cell).edit.steps)
+      states.append(CellState(cell, STARTED, seconds, f"{len(attempts)} attempt(s); {detail}"))
+    else:
+      states.append(CellState(cell, PENDING))
+  return states
+
+
+def pace(states: Sequence[CellState], setting: str) -> float | None:
+  """Median wall time of the finished cells that ran (not reused) in `setting`, else
+  in any setting; None before the first."""
+  for same_setting in (True, False):
+    times = [
+      s.seconds for s in states if s.status == DONE and s.seconds > 0 and (not same_setting or s.cell.setting == setting)
+    ]
+    if times:
+      return statistics.median(times)
+  return None
+
+
+def remaining_seconds(states: Sequence[CellState]) -> float | None:
+  """Wall time left if every unfinished cell runs at its setting's `pace` (a started
+  cell's attempts so far subtracted); None when no cell has finished. An upper bound
+  where cells turn out to be twins of finished ones (seconds each): whether a cell is a
+  twin is known only once its localization ran."""
+  left = 0.0
+  for s in states:
+    if s.status in (DONE, REUSED):
+      continue
+    per_cell = pace(states, s.cell.setting)
+    if per_cell is None:
+      return None
+    left += max(per_cell - s.seconds, 0.0) if s.status == STARTED else per_cell
+  return left
+
+
+def plan_markdown(states: Sequence[CellState]) -> str:
+  """Counts per setting and status, the time left, and one line per unfinished cell."""
+  statuses = (DONE, REUSED, STARTED, FAILED, PENDING)
+  out = ["| setting | " + " | ".join(statuses) + " | pace (median finished cell) |", "|---" * (len(statuses) + 2) + "|"]
+  for setting in dict.fromkeys(s.cell.setting for s in states):
+    mine = [s for s in states if s.cell.setting == setting]
+    per_cell = pace(states, setting)
+    counts = " | ".join(str(sum(s.status == st for s in mine)) for st in statuses)
+    if per_cell is None:
+      pace_text = "-"
+    else:
+      own = any(s.status == DONE and s.seconds > 0 for s in mine)
+      pace_text = f"{per_cell / 60:.0f} min" + ("" if own else " (other settings')")
+    out.append(f"| {setting} | {counts} | {pace_text} |")
+  left = remaining_seconds(states)
+  finished = sum(s.status in (DONE, REUSED) for s in states)
+  out.append("")
+  out.append(
+    f"{finished} of {len(states)} cells finished; "
+    + ("time left: unknown (no finished cell yet)" if left is None else f"time left at this pace: about {left / 3600:.1f} h")
+    + " (twins of finished cells take seconds, so this is an upper bound)."
+  )
+  unfinished = [s for s in states if s.status in (STARTED, FAILED)]
+  if unfinished:
+    out.append("")
+    out.extend(f"- {s.cell.label}: {s.status}, {s.seconds:.0f} s so far; {s.detail}" for s in unfinished)
+  return "\n".join(out) + "\n"
