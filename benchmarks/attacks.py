@@ -15,8 +15,12 @@ fact-lookup mask of sports first-16, MLP 3): at the main job's budget, the refer
 issue's "the suite costs no more than the edit" refers to, or, with
 `--edit_budget=short`, at the short budget (30 steps of 16, `configs/common.py:
 use_short_budget`). Facts are sports
-athletes in the standard one-shot prompt; retain windows are 32 random tokens (the
-step's cost does not depend on the text).
+athletes in the standard one-shot prompt; retain windows are random tokens (the step's
+cost does not depend on the text). The pools have the main job's sizes where they bound
+a batch (16 forget facts, so the forget term draws 16 per step as in the main job; 64
+maintain facts and the default config's 64 training windows of 32 tokens, so the
+reference budget's maintain and retain terms draw their full 64); the table prints the
+rows each step draws per term.
 
 Per attacker: compile time, step time (median of --steps, wall and process CPU),
 XLA's FLOPs of the compiled step (times the micro-batches of an accumulating step),
@@ -68,12 +72,22 @@ _EDIT_BUDGETS = flags.DEFINE_list(
     "The edit row's budgets (one row each, `configs/common.py: TUNED_EDIT`): the main job's, the reference's"
     " 50 x 64 ('reference'), and/or the short 30 x 16 ('short', `:short_budget`).",
 )
-NUM_RETAIN, RETAIN_WINDOW = 32, 32
+NUM_FORGET = 16  # the main job's forget set (sports, 16 athletes): its forget term draws 16 per step
+
+
+def pool_sizes() -> tuple[int, int, int]:
+  """(maintain facts, retain windows, tokens per window) of the main job's default
+  config: pools at least as large as its largest batches, so no row's batch is clamped
+  to a smaller pool than the main job's (its maintain pool has hundreds of facts)."""
+  spec = ExperimentSpec.from_dict(common.base_config().to_dict())
+  maintain = max(edit_row_config(b).maintain_batch_size for b in common.TUNED_EDIT)
+  return maintain, spec.retain.num_windows - spec.retain.heldout_windows, spec.retain.window
 
 
 def sports_pools(tokenizer, vocab_size: int):
   """(edit facts toward their targets, true-answer facts, maintain facts, retain windows)."""
-  facts = [x for x in load_sports_facts() if x.inject_sport_without_golf][:48]
+  num_maintain, num_retain, retain_window = pool_sizes()
+  facts = [x for x in load_sports_facts() if x.inject_sport_without_golf][: NUM_FORGET + num_maintain]
   prompt = edit_bench.PROMPT
 
   def batch(rows, answer):
@@ -82,13 +96,13 @@ def sports_pools(tokenizer, vocab_size: int):
         [tokenizer.single_token_id(" " + answer(x)) for x in rows], pad_id=tokenizer.pad_id or 0,
     )
 
-  edit = batch(facts[:16], lambda x: x.inject_sport_without_golf)
-  true = batch(facts[:16], lambda x: x.sport)
-  maintain = batch(facts[16:48], lambda x: x.sport)
+  edit = batch(facts[:NUM_FORGET], lambda x: x.inject_sport_without_golf)
+  true = batch(facts[:NUM_FORGET], lambda x: x.sport)
+  maintain = batch(facts[NUM_FORGET:], lambda x: x.sport)
   rng = np.random.default_rng(0)
-  tokens = rng.integers(3, vocab_size, (NUM_RETAIN, RETAIN_WINDOW)).astype(np.int32)
+  tokens = rng.integers(3, vocab_size, (num_retain, retain_window)).astype(np.int32)
   tokens[:, 0] = tokenizer.bos_id
-  retain = train_lib.TextBatch(tokens, np.tile(np.arange(RETAIN_WINDOW, dtype=np.int32), (NUM_RETAIN, 1)))
+  retain = train_lib.TextBatch(tokens, np.tile(np.arange(retain_window, dtype=np.int32), (num_retain, 1)))
   return edit, true, maintain, retain
 
 
@@ -146,6 +160,11 @@ def time_training(params, trainable, update_mask, data, config, timed_steps: int
   memory = compiled.memory_analysis()
   temp_mib = memory.temp_size_in_bytes / 2**20 if memory is not None else float("nan")
   args_mib = memory.argument_size_in_bytes / 2**20 if memory is not None else float("nan")
+  # Rows the step draws per term (batch sizes clamped to the pools, as in a run).
+  rows = {
+      name: int(np.prod(np.shape(jax.tree.leaves(getattr(batch, name))[0])[:2]))
+      for name in ("forget", "maintain", "retain") if getattr(batch, name) is not None
+  }
   walls, cpus = [], []
   state, metrics = compiled(state, batch, rng, trainable=trainable, update_mask=update_mask)
   jax.block_until_ready(metrics)
@@ -159,7 +178,7 @@ def time_training(params, trainable, update_mask, data, config, timed_steps: int
   return {
       "trained_params": train_lib.count_parameters(params), "trace_s": trace_s, "compile_s": compile_s,
       "step_s": statistics.median(walls), "step_cpu_s": cpu, "xla_gflop": flops / 1e9,
-      "mfu_cpu_time": flops / cpu / peak_cpu, "temp_mib": temp_mib, "args_mib": args_mib,
+      "mfu_cpu_time": flops / cpu / peak_cpu, "temp_mib": temp_mib, "args_mib": args_mib, "rows": rows,
   }
 
 
@@ -192,7 +211,7 @@ def main(argv):
     built, data, config, repeats = setup(name, model, (edit_facts, true_facts, maintain, retain), robust, edit_config)
     params, trainable, update_mask = built
     row = time_training(params, trainable, update_mask, data, config, _BENCH_STEPS.value, peak_cpu)
-    row.update(steps=config.steps, attacks=repeats, microbatches=config.num_microbatches, examples=config.forget_batch_size)
+    row.update(steps=config.steps, attacks=repeats, microbatches=config.num_microbatches)
     # Training cost of the whole attack: every seeded attack reuses the compiled step.
     row["training_s"] = row["compile_s"] + repeats * config.steps * row["step_s"]
     row["training_cpu_s"] = repeats * config.steps * row["step_cpu_s"]
@@ -204,17 +223,18 @@ def main(argv):
   print(f"\nfp32 matmul peak: {peak_cpu / 1e9:.1f} GFLOP per CPU-second (this process)")
   for name in edit_rows:
     r = rows[name]
-    print(f"{name}: {r['steps']} steps x {r['examples']} examples per term in {r['microbatches']} micro-batch(es)")
-  header = ("attacker", "trained", "steps x attacks", "compile s", "step s", "step CPU s", "XLA GFLOP", "MFU (CPU)",
+    print(f"{name}: {r['steps']} steps in {r['microbatches']} micro-batch(es)")
+  header = ("attacker", "trained", "rows per step (forget / maintain / retain)", "steps x attacks", "compile s", "step s", "step CPU s", "XLA GFLOP", "MFU (CPU)",
             "training CPU s", "vs edit", "XLA temp MiB", "args MiB")
   print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
   edit_cpu = rows[edit_rows[0]]["training_cpu_s"] if edit_rows else None
   for name, r in rows.items():
     ratio = f"{r['training_cpu_s'] / edit_cpu:.2f}x" if edit_cpu else "-"
-    print(f"| {name} | {r['trained_params']:,} | {r['steps']} x {r['attacks']} | {r['compile_s']:.1f} | {r['step_s']:.2f} |"
+    drawn = " / ".join(str(r["rows"].get(t, "-")) for t in ("forget", "maintain", "retain"))
+    print(f"| {name} | {r['trained_params']:,} | {drawn} | {r['steps']} x {r['attacks']} | {r['compile_s']:.1f} | {r['step_s']:.2f} |"
           f" {r['step_cpu_s']:.2f} | {r['xla_gflop']:.1f} | {r['mfu_cpu_time']:.0%} | {r['training_cpu_s']:.0f} | {ratio} |"
           f" {r['temp_mib']:.0f} | {r['args_mib']:.0f} |")
-  if edit_rows and len(scans) == 1:
+  if edit_rows and len(rows) > len(edit_rows) and len(scans) == 1:
     attacks = sum(r["training_cpu_s"] for n, r in rows.items() if n not in edit_rows)
     for name in edit_rows:
       print(f"all attacks' training / {name}'s (CPU time): {attacks / rows[name]['training_cpu_s']:.2f}x")
