@@ -393,8 +393,17 @@ def plot_formats_vs_side_effects(data: StudyData, setting: str, path: pathlib.Pa
   return True
 
 
-def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str = "Reproduction study") -> str:
-  """study.md: per setting the tables, figures and claims; the cells and their cost."""
+def study_markdown(
+  data: StudyData,
+  figures: Mapping[str, list[str]],
+  title: str = "Reproduction study",
+  claim_lists: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+) -> str:
+  """study.md: per setting the tables, figures and claims; the cells and their cost.
+
+  `claim_lists`: (claims, claims at matched hyperparameters) when the caller already
+  computed them (`write_outputs` also writes them to claims.json); else computed here.
+  """
   cfg = data.config
   total = len(cfg.cells())
   done = len(data.summaries)
@@ -419,7 +428,7 @@ def study_markdown(data: StudyData, figures: Mapping[str, list[str]], title: str
     out.append(setting_markdown(data, setting))
     for name in figures.get(setting.name, []):
       out.append(f"![{name}](figures/{name})\n")
-  main_claims, matched_claims = claims(data), claims(data, matched=True)
+  main_claims, matched_claims = claim_lists or (claims(data), claims(data, matched=True))
   out.append("## Claims of the paper\n")
   out.append(claims_markdown(main_claims))
   out.append("### The same claims at matched edit hyperparameters (a control)\n")
@@ -529,6 +538,7 @@ def write_outputs(config: StudyConfig, out_dir: pathlib.Path) -> StudyData:
       name = f"{setting.name}_{kind}.png"
       if plot(data, setting.name, out_dir / "figures" / name):
         figures.setdefault(setting.name, []).append(name)
-  io.write_text(out_dir / "study.md", study_markdown(data, figures))
-  io.write_json(out_dir / "claims.json", claims(data) + claims(data, matched=True))
+  claim_lists = claims(data), claims(data, matched=True)
+  io.write_text(out_dir / "study.md", study_markdown(data, figures, claim_lists=claim_lists))
+  io.write_json(out_dir / "claims.json", claim_lists[0] + claim_lists[1])
   return data
