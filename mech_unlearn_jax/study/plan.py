@@ -54,7 +54,7 @@ def _started_detail(run_dir: pathlib.Path, total_steps: int) -> str:
   if checkpoints.is_dir():
     from mech_unlearn_jax.train import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when needed)
 
-    with checkpoint.CheckpointManager(checkpoints) as manager:
+    with checkpoint.CheckpointManager(checkpoints, read_only=True) as manager:  # the study may be writing it
       step = manager.latest_step()
     if step is not None:
       return f"edit checkpoint at step {step} of {total_steps}"

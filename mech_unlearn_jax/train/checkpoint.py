@@ -157,12 +157,16 @@ def _differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[
 class CheckpointManager:
   """`ocp.CheckpointManager` over Composite(state, mask?, meta, history) items."""
 
-  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int | None = None):
-    """Opens (creating if needed) a checkpoint directory; keeps the latest `max_to_keep`."""
+  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int | None = None, read_only: bool = False):
+    """Opens (creating if needed) a checkpoint directory; keeps the latest `max_to_keep`.
+
+    read_only: only list and restore, never create, delete or write anything (e.g. to
+    look at a run that another process may be writing).
+    """
     self.directory = pathlib.Path(directory).resolve()
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only),
         item_names=("state", "mask", "meta", "history"),
     )
 
