@@ -7,10 +7,14 @@
   python -m launch.study --config=configs/study_sports.py:tiny --workdir=/tmp/study
   python -m launch.study --config=configs/study_sports.py:short_budget --workdir=runs/study \
       --results_dir=docs/results/short_budget --report_only
+  python -m launch.study --config=configs/study_sports.py --workdir=runs/study_reference \
+      --results_dir=docs/results/reference_budget --plan --only_seeds=0,1,2
 
 Rerunning the same command resumes: finished cells are skipped, a killed cell resumes
 from its stages and checkpoints. `--commit_results` commits the results folder (and
 only it) after every finished cell, so an interrupted study's results are kept.
+`--plan` reads what is done and what a rerun will do (and how long, at the finished
+cells' pace) without loading the model or taking the workdir's lock.
 """
 
 import pathlib
