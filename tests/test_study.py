@@ -583,9 +583,14 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
     ("done", 100.0), ("reused", 1.0), ("done", 300.0), ("done", 200.0), ("started", 80.0), ("failed", 20.0)
   ]
   assert states["facts/ap/seed0"].detail == "the same edit as fact_lookup"
-  assert states["facts/ap/seed1"].detail == "2 attempt(s); before the edit's first checkpoint"
+  assert states["facts/ap/seed1"].detail == "2 attempt(s) recorded; before the edit's first checkpoint"
   assert "out of memory" in states["facts/random/seed1"].detail
   assert {states[f"whole/{m}/seed{k}"].status for m in config.methods for k in (0, 1)} == {"pending"}
+  # A first attempt records its time when it ends; its run folder says it started.
+  (study.Cell("whole", "ap", 1).run_dir(work) / "checkpoints").mkdir(parents=True)
+  running = study.cell_states(config, work, out, only_settings=["whole"], only_seeds=[1], only_methods=["ap"])
+  assert [(s.status, s.seconds) for s in running] == [("started", 0.0)]
+  assert running[0].detail == "first attempt running or killed; before the edit's first checkpoint"
   # Pace: the median of the cells that ran (100, 200, 300 s), borrowed by the setting
   # without finished cells. Left: ap seed1 (200 - 80), the failed cell, six pending.
   assert study.remaining_seconds(list(states.values())) == pytest.approx(120.0 + 200.0 + 6 * 200.0)

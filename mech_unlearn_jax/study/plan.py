@@ -28,8 +28,8 @@ class CellState:
   Attributes:
     cell: the cell.
     status: DONE (its summary is in the results folder or its run folder), REUSED (done
-      by taking a finished twin's results), STARTED (attempts recorded, not finished:
-      running now or interrupted; the next run resumes it), FAILED (recorded in
+      by taking a finished twin's results), STARTED (a run folder or recorded attempts, not
+      finished: running now or interrupted; the next run resumes it), FAILED (recorded in
       `failures.json` by a `--keep_going` run, not finished since), PENDING.
     seconds: a finished cell's recorded wall time; a started or failed one's attempts
       so far; 0 for a pending one.
@@ -52,10 +52,17 @@ def _started_detail(run_dir: pathlib.Path, total_steps: int) -> str:
     return f"edit done; robustness outputs written: {', '.join(written) or 'none'}"
   checkpoints = run_dir / "checkpoints"
   if checkpoints.is_dir():
+    from absl import logging  # pylint: disable=g-import-not-at-top
     from mech_unlearn_jax.train import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when needed)
 
-    with checkpoint.CheckpointManager(checkpoints, read_only=True) as manager:  # the study may be writing it
-      step = manager.latest_step()
+    # orbax warns that a read-only manager will not save; that is the point here.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+      with checkpoint.CheckpointManager(checkpoints, read_only=True) as manager:  # the study may be writing it
+        step = manager.latest_step()
+    finally:
+      logging.set_verbosity(verbosity)
     if step is not None:
       return f"edit checkpoint at step {step} of {total_steps}"
   return "before the edit's first checkpoint"
@@ -92,9 +99,12 @@ def cell_states(
     seconds = float(sum(attempts))
     if cell.label in failures:
       states.append(CellState(cell, FAILED, seconds, failures[cell.label]))
-    elif attempts:
+    elif attempts or run_dir.is_dir():
+      # An attempt's time is recorded when it ends: a run folder without one is the first
+      # attempt, running now (or killed without a chance to record it).
+      attempts_text = f"{len(attempts)} attempt(s) recorded" if attempts else "first attempt running or killed"
       detail = _started_detail(run_dir, config.cell_spec(cell).edit.steps)
-      states.append(CellState(cell, STARTED, seconds, f"{len(attempts)} attempt(s); {detail}"))
+      states.append(CellState(cell, STARTED, seconds, f"{attempts_text}; {detail}"))
     else:
       states.append(CellState(cell, PENDING))
   return states
