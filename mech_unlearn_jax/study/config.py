@@ -20,6 +20,9 @@ from mech_unlearn_jax.localize import select
 
 
 UNEDITED = "unedited"
+# A cell's records in its run folder (`Cell.run_dir`): its summary once finished, its
+# attempts' times; and the results folder's record of failed cells.
+CELL_SUMMARY_FILE, CELL_TIMING_FILE, FAILURES_FILE = "study_cell.json", "study_timing.json", "failures.json"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 failed or pending, and the time left at the finished cells' pace.
 
 `python -m launch.study --plan` prints `plan_markdown`; a study that spans many
-sessions (a reference-budget cell takes 25-42 minutes on a 2-core CPU) says here which
+sessions (a reference-budget cell takes 25-46 minutes on a 2-core CPU) says here which
 cells remain and where a started one will resume. Reads only files: the results
 folder's cell summaries and `failures.json`, and each started cell's run folder (its
 `study_timing.json`, edit checkpoints and stage outputs).
@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Sequence
 
 from mech_unlearn_jax import io
-from mech_unlearn_jax.study.config import Cell, StudyConfig
+from mech_unlearn_jax.study.config import CELL_SUMMARY_FILE, CELL_TIMING_FILE, FAILURES_FILE, Cell, StudyConfig
 
 DONE, REUSED, STARTED, FAILED, PENDING = "done", "reused", "started", "failed", "pending"
 
@@ -78,14 +78,14 @@ def cell_states(
 ) -> list[CellState]:
   """The state of every cell of the study (or of the `only_*` subset), in run order."""
   workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
-  failures_path = out_dir / "failures.json"
+  failures_path = out_dir / FAILURES_FILE
   failures = io.read_json(failures_path, "study failures") if failures_path.is_file() else {}
   states = []
   for cell in config.cells(only_settings, only_methods, only_seeds):
     run_dir = cell.run_dir(workdir)
     summary_path = out_dir / "cells" / cell.summary_name
     if not summary_path.is_file():
-      summary_path = run_dir / "study_cell.json"  # finished in this workdir, not yet copied
+      summary_path = run_dir / CELL_SUMMARY_FILE  # finished in this workdir, not yet copied
     if summary_path.is_file():
       summary = io.read_json(summary_path, "study cell summary")
       seconds = float(summary.get("cell_seconds", 0.0))
@@ -94,7 +94,7 @@ def cell_states(
       else:
         states.append(CellState(cell, DONE, seconds))
       continue
-    timing_path = run_dir / "study_timing.json"
+    timing_path = run_dir / CELL_TIMING_FILE
     attempts = io.read_json(timing_path, "cell timing").get("attempts", []) if timing_path.is_file() else []
     seconds = float(sum(attempts))
     if cell.label in failures:
@@ -127,11 +127,12 @@ def remaining_seconds(states: Sequence[CellState]) -> float | None:
   cell's attempts so far subtracted); None when no cell has finished. An upper bound
   where cells turn out to be twins of finished ones (seconds each): whether a cell is a
   twin is known only once its localization ran."""
+  paces = {setting: pace(states, setting) for setting in {s.cell.setting for s in states}}
   left = 0.0
   for s in states:
     if s.status in (DONE, REUSED):
       continue
-    per_cell = pace(states, s.cell.setting)
+    per_cell = paces[s.cell.setting]
     if per_cell is None:
       return None
     left += max(per_cell - s.seconds, 0.0) if s.status == STARTED else per_cell

@@ -21,7 +21,7 @@ from mech_unlearn_jax.experiment import schema
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.localize import baselines as baselines_lib
 from mech_unlearn_jax.localize import masks as masks_lib
-from mech_unlearn_jax.study.config import Cell, StudyConfig
+from mech_unlearn_jax.study.config import CELL_SUMMARY_FILE, CELL_TIMING_FILE, FAILURES_FILE, Cell, StudyConfig
 from mech_unlearn_jax.study.metrics import MASK_JACCARD, cell_metrics
 from mech_unlearn_jax.study.aggregate import StudyData, finished_cells
 from mech_unlearn_jax.study.report import write_outputs
@@ -150,8 +150,8 @@ def run_cell(
     _check_recorded_spec(summary_path, io.read_json(summary_path, "study cell summary"), spec)
     return CellOutcome(cell, "skipped")
   cell_dir = cell.run_dir(workdir)
-  timing_path = cell_dir / "study_timing.json"
-  recorded = cell_dir / "study_cell.json"
+  timing_path = cell_dir / CELL_TIMING_FILE
+  recorded = cell_dir / CELL_SUMMARY_FILE
   if recorded.is_file():  # finished in this workdir; the results folder is new
     summary = io.read_json(recorded, "study cell summary")
     _check_recorded_spec(recorded, summary, spec)
@@ -350,8 +350,8 @@ def backfill_mask_records(
       mask_record_source=record["source"],
     )
     summary["metrics"] = dict(summary["metrics"], **{MASK_JACCARD: record["jaccard"]})
-    if (cell_dir / "study_cell.json").is_file():
-      io.write_json(cell_dir / "study_cell.json", summary)
+    if (cell_dir / CELL_SUMMARY_FILE).is_file():
+      io.write_json(cell_dir / CELL_SUMMARY_FILE, summary)
     io.write_json(path, summary)
     done.append(cell.label)
   return done
@@ -391,7 +391,7 @@ def run_study(
   cells = config.cells(only_settings, only_methods, only_seeds)
   models = _Models(loader)
   outcomes: list[CellOutcome] = []
-  failures_path = out_dir / "failures.json"
+  failures_path = out_dir / FAILURES_FILE
   failures = io.read_json(failures_path, "study failures") if failures_path.is_file() else {}
   with run_lib.workdir_lock(workdir):
     io.write_json(workdir / "study.json", config.to_json())
