@@ -9,6 +9,7 @@ from configs import sports_first16
 from mech_unlearn_jax import experiment, io
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.experiment import stages
+from mech_unlearn_jax.experiment.layout import RunLayout
 from mech_unlearn_jax.models import loaders, transformer
 
 
@@ -127,6 +128,13 @@ def test_robustness_tables_and_attack_on_a_finished_run(tmp_path, monkeypatch):
   md = (tmp_path / "results.md").read_text()
   assert "### Relearning attack" in md and "### Latent-knowledge probes" in md
   assert (tmp_path / "relearning.png").is_file() and (tmp_path / "probes.png").is_file()
+  # The layout that the study's plan and launch.compare_runs read is the one written.
+  layout = RunLayout(tmp_path)
+  for path in (layout.config, layout.knowledge, layout.split, layout.results_json, layout.results_md,
+               layout.results_png, layout.evaluation("unedited"), layout.evaluation("edited")):
+    assert path.is_file(), path
+  for path in (layout.localization, layout.checkpoints(), layout.robustness("unedited"), layout.robustness("edited")):
+    assert path.is_dir(), path
   # Reproducible from the workdir: with the suite's outputs deleted, launch.attack's path
   # recomputes the same numbers (every attack is seeded from the run's config).
   import shutil

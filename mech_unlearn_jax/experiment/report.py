@@ -14,6 +14,7 @@ import numpy as np
 
 from mech_unlearn_jax import io
 from mech_unlearn_jax.evals import formats_eval
+from mech_unlearn_jax.experiment.layout import RunLayout
 
 
 def format_validity(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -146,10 +147,11 @@ def write_if_changed(path: pathlib.Path, text: str) -> bool:
 
 def write_report(workdir: pathlib.Path, results: Mapping[str, Any], title: str) -> None:
   """results.json, results.md and results.png (the figure only when the JSON changed)."""
-  changed = write_if_changed(workdir / "results.json", io.dumps(results))
-  write_if_changed(workdir / "results.md", results_markdown(results))
-  if changed or not (workdir / "results.png").is_file():
-    plot_results(results["summary"], workdir / "results.png", title)
+  layout = RunLayout(workdir)
+  changed = write_if_changed(layout.results_json, io.dumps(results))
+  write_if_changed(layout.results_md, results_markdown(results))
+  if changed or not layout.results_png.is_file():
+    plot_results(results["summary"], layout.results_png, title)
     plot_robustness(results.get("robustness", {}), results["config"]["eval"]["formats"], workdir, _measure(results))
 
 

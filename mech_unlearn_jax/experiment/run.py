@@ -1,7 +1,8 @@
 """The main job: knowledge -> split -> localize -> retain -> evaluate -> edit -> evaluate.
 
 `run_experiment(spec, workdir)` calls the stages of `stages.py` in order, each with
-its own output in the workdir, then builds the report from those outputs:
+its own output in the workdir (`layout.RunLayout` names them), then builds the report
+from those outputs:
 
   config.json                 the spec (a different spec in the same workdir is refused)
   knowledge.json              p(true) of every fact, the filter's counts
@@ -10,6 +11,7 @@ its own output in the workdir, then builds the report from those outputs:
   checkpoints/                orbax checkpoints of the edit (trained leaves only)
   evaluation/unedited.json    every format before the edit
   evaluation/edited.json      ... and after (with KL on held-out retain text)
+  robustness/<model>/         the robustness stages on the unedited and edited models
   results.json|md|png         the report
 
 A killed run resumes (finished stages are read back; the edit continues from its
@@ -42,6 +44,7 @@ from mech_unlearn_jax.data import splits as splits_lib
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.experiment import inputs as inputs_lib
 from mech_unlearn_jax.experiment import report, robustness, schema, stages, validate
+from mech_unlearn_jax.experiment.layout import RunLayout
 from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.localize import select
@@ -91,7 +94,7 @@ def workdir_lock(workdir: pathlib.Path):
 
 def check_or_write_config(spec: ExperimentSpec, workdir: pathlib.Path) -> None:
   """Records the spec; a workdir holding another spec is refused, naming the keys."""
-  path = workdir / "config.json"
+  path = RunLayout(workdir).config
   current = json.loads(json.dumps(spec.to_json()))
   if path.is_file():
     previous = io.read_json(path, "run config")
@@ -223,11 +226,15 @@ def attack_only(
   (default: every device here, whatever mesh the run used) is where they run.
   """
   workdir = pathlib.Path(workdir)
-  if not (workdir / "config.json").is_file():
-    raise FileNotFoundError(f"{workdir / 'config.json'}: not a run's workdir (no config.json)")
-  spec = ExperimentSpec.from_json(io.read_json(workdir / "config.json", "run config"))
-  if not (workdir / "evaluation" / "edited.json").is_file():
-    raise ValueError(f"{workdir}: the run has not finished (no evaluation/edited.json); rerun launch.run first")
+  layout = RunLayout(workdir)
+  if not layout.config.is_file():
+    raise FileNotFoundError(f"{layout.config}: not a run's workdir (no {layout.config.name})")
+  spec = ExperimentSpec.from_json(io.read_json(layout.config, "run config"))
+  if not layout.evaluation("edited").is_file():
+    raise ValueError(
+        f"{workdir}: the run has not finished (no {layout.evaluation('edited').relative_to(workdir)});"
+        " rerun launch.run first"
+    )
   if robustness_config is None:
     robustness_config = spec.robustness if spec.robustness.any_enabled else robustness.RobustnessConfig()
   spec = dataclasses.replace(spec, robustness=robustness_config, mesh=mesh or sharding.MeshConfig())
@@ -246,6 +253,7 @@ def _run(
   inputs_lib.check_inputs(spec, workdir)
   task = get_task(spec.data.task)
   unlearn = spec.edit.forget_loss == "unlearn"
+  layout = RunLayout(workdir)
 
   with progress.stage("load model", release_compiled=True) as info:
     model, tokenizer = loaded or loaders.load_model_and_tokenizer(spec.model, spec.seed)
@@ -258,7 +266,7 @@ def _run(
 
   with progress.stage("knowledge", release_compiled=True) as info:
     knowledge = stages.knowledge_stage(
-        model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or workdir / "knowledge.json",
+        model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or layout.knowledge,
         compute_dtype=spec.compute_dtype,
     )
     info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
@@ -266,7 +274,7 @@ def _run(
   with progress.stage("split", release_compiled=True) as info:
     split = stages.split_stage(
         task, knowledge.pool, spec.data.split, spec.seed,
-        {"model": spec.model, "threshold": spec.data.known_threshold}, workdir / "split.json",
+        {"model": spec.model, "threshold": spec.data.known_threshold}, layout.split,
     )
     info["detail"] = (
         f"forget {len(split.forget_train)}/{len(split.forget_eval)},"
@@ -276,7 +284,7 @@ def _run(
   with progress.stage("localize", release_compiled=True) as info:
     loc = stages.localization_stage(
         model, tokenizer, task, knowledge.pool, split, spec.localize, spec.seed,
-        workdir / "localization", context={"model": spec.model}, evidence_dir=shared.evidence_dir,
+        layout.localization, context={"model": spec.model}, evidence_dir=shared.evidence_dir,
     )
     info["detail"] = f"{loc.evidence['mask_name']}: {loc.trained_parameters:,} weights, FLU layers {loc.evidence['flu_layers']}"
 
@@ -288,8 +296,8 @@ def _run(
       unlearn=unlearn, retain_heldout=retain.heldout, seed=spec.seed, compute_dtype=spec.compute_dtype,
   )
   with progress.stage("evaluate unedited", release_compiled=True):
-    unedited_dir = shared.unedited_dir or workdir
-    before = stages.evaluation_stage(model, tokenizer, path=unedited_dir / "evaluation" / "unedited.json", **eval_args)
+    unedited_layout = RunLayout(shared.unedited_dir or workdir)
+    before = stages.evaluation_stage(model, tokenizer, path=unedited_layout.evaluation("unedited"), **eval_args)
 
   rounds = []
   if spec.data.sequential_rounds > 1:
@@ -299,12 +307,12 @@ def _run(
   else:
     with progress.stage("edit", release_compiled=True) as info:
       data = stages.edit_data(tokenizer, task, knowledge.facts, split, unlearn, retain.train)
-      result = stages.edit_stage(model, loc.mask, data, spec.edit, workdir / "checkpoints", spec.model, split)
+      result = stages.edit_stage(model, loc.mask, data, spec.edit, layout.checkpoints(), spec.model, split)
       info["detail"] = f"{len(result.history)} steps"
 
   with progress.stage("evaluate edited", release_compiled=True):
     after = stages.evaluation_stage(
-        result.model, tokenizer, original=model, path=workdir / "evaluation" / "edited.json", **eval_args
+        result.model, tokenizer, original=model, path=layout.evaluation("edited"), **eval_args
     )
 
   robust = {}
@@ -367,17 +375,18 @@ def sequential_edits(spec, model, tokenizer, task, facts, split, mask, retain, w
   """
   rounds = spec.data.sequential_rounds
   unlearn = spec.edit.forget_loss == "unlearn"
+  layout = RunLayout(workdir)
   current, history, summaries = model, [], []
   for r in range(rounds):
     sub = round_split(split, rounds, r)
     with progress.stage(f"edit round {r + 1}/{rounds}", release_compiled=True):
       data = stages.edit_data(tokenizer, task, facts, sub, unlearn, retain.train)
-      result = stages.edit_stage(current, mask, data, spec.edit, workdir / "checkpoints" / f"round_{r}", spec.model, sub)
+      result = stages.edit_stage(current, mask, data, spec.edit, layout.checkpoints(r), spec.model, sub)
     history += [dict(h, round=r) for h in result.history]
     current = result.model
     with progress.stage(f"evaluate round {r + 1}", release_compiled=True):
       ev = stages.evaluation_stage(
-          current, tokenizer, original=model, path=workdir / "evaluation" / f"round_{r}.json",
+          current, tokenizer, original=model, path=layout.evaluation(f"round_{r}"),
           **dict(eval_args, split=sub),
       )
     standard = {(c["facts"], c["answer"]): c for c in ev["cells"] if c["format"] == "standard"}
@@ -402,10 +411,10 @@ def robustness_for_run(
   )
   out = {}
   for name, model, base in (("unedited", unedited, None), ("edited", edited, unedited)):
-    root = (unedited_dir or workdir) if name == "unedited" else workdir
+    root = RunLayout((unedited_dir or workdir) if name == "unedited" else workdir)
     with progress.stage(f"robustness ({name})"):
       out[name] = robustness.run_robustness(
-          model, base_model=base, out_dir=root / "robustness" / name, **common
+          model, base_model=base, out_dir=root.robustness(name), **common
       )
   return out
 
@@ -427,6 +436,7 @@ def localize_only(
   if bad:
     raise ValueError(f"--methods: unknown method(s) {bad}; expected some of {select.METHODS}")
   workdir = pathlib.Path(workdir)
+  layout = RunLayout(workdir)
   with workdir_lock(workdir):
     check_or_write_config(spec, workdir)
     task = get_task(spec.data.task)
@@ -436,13 +446,13 @@ def localize_only(
       select.check_layers(spec.localize.layers, model.config.num_layers)
     with progress.stage("knowledge", release_compiled=True) as info:
       knowledge = stages.knowledge_stage(
-          model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or workdir / "knowledge.json",
+          model, tokenizer, task, spec.data, spec.eval.batch_size, shared.knowledge or layout.knowledge,
           compute_dtype=spec.compute_dtype,
       )
       info["detail"] = f"{len(knowledge.pool)} of {len(knowledge.facts)} facts known"
     split = stages.split_stage(
         task, knowledge.pool, spec.data.split, spec.seed,
-        {"model": spec.model, "threshold": spec.data.known_threshold}, workdir / "split.json",
+        {"model": spec.model, "threshold": spec.data.known_threshold}, layout.split,
     )
     summary, chosen = {}, {}
     for method in methods:
@@ -450,8 +460,8 @@ def localize_only(
       with progress.stage(f"localize {method}", release_compiled=True) as info:
         loc = stages.localization_stage(
             model, tokenizer, task, knowledge.pool, split, config, spec.seed,
-            workdir / "localization" / method, context={"model": spec.model},
-            evidence_dir=shared.evidence_dir or workdir / "localization",
+            layout.localization / method, context={"model": spec.model},
+            evidence_dir=shared.evidence_dir or layout.localization,
         )
         info["detail"] = f"{loc.trained_parameters:,} weights"
       summary[method] = {
@@ -460,7 +470,7 @@ def localize_only(
       }
       chosen[method] = loc.mask
     coincidence = masks_lib.mask_coincidence(chosen, model)
-    io.write_json(workdir / "localization" / "summary.json", summary)
-    io.write_json(workdir / "localization" / "coincidence.json", coincidence)
-    io.write_text(workdir / "localization" / "coincidence.md", report.coincidence_markdown(coincidence))
+    io.write_json(layout.localization / "summary.json", summary)
+    io.write_json(layout.localization / "coincidence.json", coincidence)
+    io.write_text(layout.localization / "coincidence.md", report.coincidence_markdown(coincidence))
     return summary

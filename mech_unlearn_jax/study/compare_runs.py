@@ -17,6 +17,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 from mech_unlearn_jax import io
+from mech_unlearn_jax.experiment.layout import RunLayout
 from mech_unlearn_jax.study.aggregate import (
     Interval,
     _fmt_interval,
@@ -47,7 +48,7 @@ def read_group(name: str, workdirs: Sequence[str | pathlib.Path]) -> GroupValues
   values: dict[int, dict[str, float]] = {}
   where: dict[int, str] = {}
   for workdir in workdirs:
-    path = pathlib.Path(workdir) / "results.json"
+    path = RunLayout(workdir).results_json
     if not path.is_file():
       raise FileNotFoundError(f"group {name!r}: {path} not found (is {workdir} a finished run's workdir?)")
     results = io.read_json(path, "run results")

@@ -16,6 +16,7 @@ import statistics
 from collections.abc import Sequence
 
 from mech_unlearn_jax import io
+from mech_unlearn_jax.experiment.layout import RunLayout
 from mech_unlearn_jax.study.config import CELL_SUMMARY_FILE, CELL_TIMING_FILE, FAILURES_FILE, Cell, StudyConfig
 
 DONE, REUSED, STARTED, FAILED, PENDING = "done", "reused", "started", "failed", "pending"
@@ -46,11 +47,12 @@ class CellState:
 def _started_detail(run_dir: pathlib.Path, total_steps: int) -> str:
   """Where a started cell resumes: its latest edit checkpoint, or once the edit is
   evaluated, how many robustness outputs are written."""
-  robustness = run_dir / "robustness" / "edited"
-  if (run_dir / "evaluation" / "edited.json").is_file():
+  layout = RunLayout(run_dir)
+  robustness = layout.robustness("edited")
+  if layout.evaluation("edited").is_file():
     written = sorted(p.stem for p in robustness.glob("*.json")) if robustness.is_dir() else []
     return f"edit done; robustness outputs written: {', '.join(written) or 'none'}"
-  checkpoints = run_dir / "checkpoints"
+  checkpoints = layout.checkpoints()
   if checkpoints.is_dir():
     from absl import logging  # pylint: disable=g-import-not-at-top
     from mech_unlearn_jax.train import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: only when needed)
