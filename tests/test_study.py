@@ -599,6 +599,26 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
   assert "4 of 12 cells finished" in text and "- facts/random/seed1: failed, 20 s so far; RuntimeError" in text
 
 
+def test_stage_times_nest_each_inner_stage_under_its_own_parent():
+  """A later cell's new inner stage ("localize ap" under "cell mask") is listed under its
+  parent, not under whichever stage the first cell ran last; medians are per cell."""
+  def entry(stage, seconds, parent=None):
+    return {"stage": stage, "parent": parent, "depth": int(parent is not None), "seconds": seconds}
+
+  first = [entry("cell mask", 2.0), entry("localize fact_lookup", 1.0, "cell mask"), entry("edit", 100.0),
+           entry("robustness (edited)", 50.0), entry("relearn_lora", 30.0, "robustness (edited)")]
+  second = [entry("cell mask", 6.0), entry("localize ap", 5.0, "cell mask"), entry("edit", 80.0),
+            entry("robustness (edited)", 40.0), entry("relearn_lora", 10.0, "robustness (edited)"),
+            entry("relearn_lora", 4.0, "robustness (edited)")]  # a second attempt: summed per cell
+  text = study.report.stage_time_markdown([{"stage_seconds": first}, {"stage_seconds": second}])
+  rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+  names = [r[0].removeprefix("| ").replace("&nbsp;", "") for r in rows]
+  assert names == ["cell mask", "localize fact_lookup", "localize ap", "edit", "robustness (edited)", "relearn_lora"]
+  assert [r[0].count("&nbsp;") for r in rows] == [0, 4, 4, 0, 0, 4]
+  assert [float(r[1]) for r in rows] == [4.0, 1.0, 5.0, 90.0, 45.0, 22.0]
+  assert [int(r[2].rstrip(" |")) for r in rows] == [2, 1, 1, 2, 2, 2]
+
+
 def test_intervals_are_cut_to_the_metrics_range():
   wide = study.Interval(n=2, mean=0.95, lo=-0.4, hi=2.3, sd=0.1)
   assert study.aggregate._fmt_interval(wide, "forget_qa") == "0.950 [0.000, 1.000]"

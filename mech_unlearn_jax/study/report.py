@@ -481,6 +481,24 @@ def _units_text(summary: Mapping[str, Any], max_listed: int = 6) -> str:
   return text + (f" (+{len(parts) - max_listed} more)" if len(parts) > max_listed else "")
 
 
+def _nested_order(keys: Sequence[tuple[int, str | None, str]]) -> list[tuple[int, str | None, str]]:
+  """(depth, parent, stage) keys as a tree: each stage right after its parent's earlier
+  children, the rest in first-seen order. Cells run different inner stages (each method
+  localizes under "cell mask"), so first-seen order alone would list a later cell's
+  inner stage under whichever stage happened to come last."""
+  rank = {key: i for i, key in enumerate(keys)}
+  first_of = {}  # (depth, stage) -> its first key, the row its children go under
+  for key in keys:
+    first_of.setdefault((key[0], key[2]), key)
+
+  def path(key):
+    depth, parent, _ = key
+    parent_key = first_of.get((depth - 1, parent)) if depth > 0 else None
+    return (path(parent_key) if parent_key else ()) + (rank[key],)
+
+  return sorted(keys, key=path)
+
+
 def stage_time_markdown(summaries: Sequence[Mapping[str, Any]], max_depth: int = 1) -> str:
   """Median seconds per stage over the cells that recorded their stages ("" if none did).
 
@@ -507,12 +525,12 @@ def stage_time_markdown(summaries: Sequence[Mapping[str, Any]], max_depth: int =
       per_stage[key].append(seconds)
   lines = [
     "\n## Where a cell's time goes\n",
-    f"Median over the {len(timed)} cells that recorded their stages (a cell's attempts summed; stages"
-    " inside the robustness suite indented).\n",
+    f"Median over the {len(timed)} cells that recorded their stages (a cell's attempts summed; a"
+    " stage's inner stages indented below it, e.g. the robustness suite's attacks).\n",
     "| stage | median seconds | cells |",
     "|---|---|---|",
   ]
-  for depth, parent, name in order:
+  for depth, parent, name in _nested_order(order):
     values = per_stage[(depth, parent, name)]
     lines.append(f"| {'&nbsp;' * 4 * depth}{name} | {float(np.median(values)):.1f} | {len(values)} |")
   return "\n".join(lines) + "\n"
