@@ -304,6 +304,11 @@ def _plot_methods(ax, data: StudyData, setting: str, metrics: Sequence[str], xs:
     ax.fill_between(x, lo, hi, alpha=band_alpha, color=color, lw=0)
 
 
+def _legend_outside(ax) -> None:
+  # Ten methods' lines fill the axes wherever a legend goes; beside them it hides none.
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def plot_relearning(data: StudyData, setting: str, path: pathlib.Path) -> bool:
   """The paper's Figs 2-3: held-out forget p(true) vs attack step, per method."""
   kinds = [k for k in ("lora", "full") if _relearn_steps(data, setting, k)]
@@ -319,7 +324,7 @@ def plot_relearning(data: StudyData, setting: str, path: pathlib.Path) -> bool:
     ax.set_xlabel("attack step")
     ax.set_ylim(0, 1)
   axes[0][0].set_ylabel("held-out forget p(true), standard format")
-  axes[0][-1].legend(fontsize=7, loc="best")
+  _legend_outside(axes[0][-1])
   io.save_figure(fig, path)
   return True
 
@@ -342,7 +347,7 @@ def plot_probes(data: StudyData, setting: str, path: pathlib.Path) -> bool:
   ax.set_ylabel("probe accuracy on forget facts vs true answer")
   ax.set_ylim(0, 1)
   ax.set_title(f"{setting}: latent knowledge by layer", fontsize=9)
-  ax.legend(fontsize=7, ncol=2)
+  _legend_outside(ax)
   io.save_figure(fig, path)
   return True
 
