@@ -259,9 +259,34 @@ def test_data_order_is_a_pure_function_of_seed_and_step(data):
   assert sorted(rows) == sorted(data.forget.answer_ids_B)
   other = train_lib.make_batch_fn(data, train_lib.EditConfig(**{**config.to_json(), "seed": 1}))
   assert not np.array_equal(other(0).forget.answer_ids_B, a(0).forget.answer_ids_B)
-  with pytest.raises(ValueError, match="retain batch.*num_microbatches=3"):
-    train_lib.make_batch_fn(data, train_lib.EditConfig(retain_batch_size=4, forget_batch_size=3,
-                                             maintain_batch_size=3, num_microbatches=3))
+
+
+def test_a_batch_that_micro_batches_do_not_divide_is_padded_with_rows_that_count_for_nothing(tiny_model, data):
+  """A pool smaller than the batch (a whole-sport forget set of 34 in 4 micro-batches)
+  clamps to a size M does not divide: the step is padded, and its gradient and metrics
+  are those of the real rows in one batch."""
+  clamped = dict(forget_batch_size=64, maintain_batch_size=64, retain_batch_size=64)  # pools of 8
+  padded = train_lib.make_batch_fn(data, train_lib.EditConfig(**clamped, num_microbatches=3))(1)
+  whole = train_lib.make_batch_fn(data, train_lib.EditConfig(**clamped, num_microbatches=1))(1)
+  assert padded.forget.tokens_BxL.shape[:2] == padded.retain.tokens_BxL.shape[:2] == (3, 3)
+  flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *np.shape(x)[2:]), padded)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[:8], b), flat, jax.tree.map(lambda x: x[0], whole))
+  assert (flat.forget.answer_ids_B[8:] == -1).all() and (flat.maintain.answer_ids_B[8:] == -1).all()
+  assert (flat.retain.positions_BxL[8:] == -1).all()
+  loss_fn = train_lib.EditLoss(train_lib.EditConfig(forget_loss="unlearn", unlearn_logprob_floor=-6.3))
+  params, trainable, _ = train_lib.mask_trainable(tiny_model, mlp_mask(0))
+  g_padded, m_padded = _grads(params, trainable, padded, loss_fn)
+  g_whole, m_whole = _grads(params, trainable, whole, loss_fn)
+  for label in params:
+    scale = float(jnp.abs(g_whole[label]).max())
+    assert scale > 0
+    np.testing.assert_allclose(g_padded[label], g_whole[label], rtol=1e-4, atol=1e-5 * scale, err_msg=label)
+  for key in m_whole:
+    np.testing.assert_allclose(m_padded[key], m_whole[key], rtol=1e-5, err_msg=key)
+  # A pool of another type has no padding rows to add: named, not silently reshaped.
+  with pytest.raises(ValueError, match="forget batch of 8 .*num_microbatches=3, and a dict has no padding rows"):
+    train_lib.make_batch_fn(train_lib.EditData(forget={"x": np.zeros((8, 2))}),
+                            train_lib.EditConfig(forget_batch_size=64, num_microbatches=3))
 
 
 def test_edit_config_validation():

@@ -119,6 +119,11 @@ def can_share_prefix(loss_fn: Any, trainable: Trainable, params: Any) -> bool:
 def make_batch_fn(data: EditData, config: EditConfig, share_prefix: bool = False) -> Callable[[int], EditBatch]:
   """step -> EditBatch ([M, b, ...] leaves); batch sizes are clamped to pool sizes.
 
+  A clamped size that M = `num_microbatches` does not divide (a whole-sport forget set of
+  34 facts in 4 micro-batches) is padded with rows that count for nothing (`_PAD_FILLS`),
+  so the step's gradient is still the mean over the real rows; other batch types must
+  divide evenly.
+
   share_prefix: the tokens every fact of a pool starts with (e.g. the one-shot
   example) go into `FactBatch.prefix_BxP`, found once per pool so every step has the
   same shapes; only for losses with `supports_shared_prefix` on plain models.
@@ -135,27 +140,24 @@ def make_batch_fn(data: EditData, config: EditConfig, share_prefix: bool = False
       continue
     n = jax.tree.leaves(pool)[0].shape[0]
     size = min(getattr(config, f"{name}_batch_size"), n)
-    if size % config.num_microbatches:
+    padded = sharding.padded_size(size, config.num_microbatches)
+    if padded != size and type(pool) not in _PAD_FILLS:
       raise ValueError(
           f"{name} batch of {size} examples (EditConfig.{name}_batch_size clamped to the"
-          f" pool of {n}) is not divisible by num_microbatches={config.num_microbatches}"
+          f" pool of {n}) is not divisible by num_microbatches={config.num_microbatches},"
+          f" and a {type(pool).__name__} has no padding rows"
       )
-    sizes[name] = (term, size)
+    sizes[name] = (term, size, padded)
 
   def batch_fn(step: int) -> EditBatch:
-    parts = {
-        name: split_microbatches(
-            _draw(getattr(data, name), size, config.seed, term, step), config.num_microbatches
-        )
-        for name, (term, size) in sizes.items()
-    }
+    parts = {}
+    for name, (term, size, padded) in sizes.items():
+      rows = _draw(getattr(data, name), size, config.seed, term, step)
+      parts[name] = split_microbatches(_pad_part(rows, padded, axis=0), config.num_microbatches)
     return EditBatch(**parts)
 
   return batch_fn
 
-
-# ----------------------------------------------------------------------------------
-# Placement on a multi-device mesh.
 
 # How a padding row of each batch type is marked (field -> fill value): such rows
 # count for nothing in `EditLoss` (facts: answer id -1; text: positions -1).
@@ -163,6 +165,23 @@ _PAD_FILLS = {
     FactBatch: {"answer_ids_B": -1},
     TextBatch: {"positions_BxL": -1, "tokens_BxL": 0},
 }
+
+
+def _pad_part(part: Any, size: int, axis: int) -> Any:
+  """A fact or text batch with its rows (along `axis`) padded to `size` by rows that
+  count for nothing; unchanged when it has `size` rows already."""
+  if np.shape(jax.tree.leaves(part)[0])[axis] == size:
+    return part
+  fills = _PAD_FILLS[type(part)]
+  return type(part)(**{
+      f.name: None if getattr(part, f.name) is None
+      else sharding.pad_rows(getattr(part, f.name), size, axis=axis, fill=fills.get(f.name))
+      for f in dataclasses.fields(part)
+  })
+
+
+# ----------------------------------------------------------------------------------
+# Placement on a multi-device mesh.
 
 
 def _check_divisible(batch: Any, multiple: int) -> None:
@@ -189,13 +208,8 @@ def _pad_micro_batches(batch: Any, multiple: int) -> Any:
         _check_divisible(part, multiple)
       parts[name] = part
       continue
-    fills = _PAD_FILLS[type(part)]
     size = sharding.padded_size(np.shape(jax.tree.leaves(part)[0])[1], multiple)
-    parts[name] = type(part)(**{
-        f.name: None if getattr(part, f.name) is None
-        else sharding.pad_rows(getattr(part, f.name), size, axis=1, fill=fills.get(f.name))
-        for f in dataclasses.fields(part)
-    })
+    parts[name] = _pad_part(part, size, axis=1)
   return EditBatch(**parts)
 
 

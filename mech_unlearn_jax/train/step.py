@@ -59,7 +59,8 @@ class EditConfig:
     forget_batch_size, maintain_batch_size, retain_batch_size: examples per term per
       step (clamped to the pool size by `make_batch_fn`).
     num_microbatches: gradient accumulation over this many micro-batches per step
-      (bounds memory; every batch size must be divisible by it).
+      (bounds memory). A fact or text batch it does not divide is padded with rows
+      that count for nothing (`loop.make_batch_fn`); other batches must divide.
     compute_dtype: "float32" or "bfloat16"; master weights and optimizer state stay
       float32, weights and activations are cast inside the loss.
     seed: data order and step rng are pure functions of (seed, step).
