@@ -165,16 +165,23 @@ def test_gradient_accumulation_equals_full_batch(tiny_model, data):
   loss_fn = train_lib.EditLoss(config)
   params, trainable, _ = train_lib.mask_trainable(tiny_model, mlp_mask(0))
   batch = train_lib.EditBatch(forget=data.forget, maintain=data.maintain, retain=data.retain)
-  full_grads, full_metrics = _grads(params, trainable, train_lib.split_microbatches(batch, 1), loss_fn)
-  micro_grads, micro_metrics = _grads(params, trainable, train_lib.split_microbatches(batch, 4), loss_fn)
-  for label in params:
-    scale = float(jnp.abs(full_grads[label]).max())
-    assert scale > 0
-    # Summation order differs; compare against the gradient's own scale.
-    np.testing.assert_allclose(micro_grads[label], full_grads[label], rtol=1e-4, atol=1e-5 * scale, err_msg=label)
-  for key in full_metrics:
-    np.testing.assert_allclose(micro_metrics[key], full_metrics[key], rtol=1e-5, err_msg=key)
+  full_metrics = _assert_same_step(params, trainable, train_lib.split_microbatches(batch, 4),
+                                   train_lib.split_microbatches(batch, 1), loss_fn)
   assert 0 < float(full_metrics["forget_kept_frac"]) < 1
+
+
+def _assert_same_step(params, trainable, batch, reference, loss_fn):
+  """`batch` gives `reference`'s gradient and metrics (returned); the summation order
+  differs, so gradients are compared against their own scale."""
+  grads, metrics = _grads(params, trainable, batch, loss_fn)
+  ref_grads, ref_metrics = _grads(params, trainable, reference, loss_fn)
+  for label in params:
+    scale = float(jnp.abs(ref_grads[label]).max())
+    assert scale > 0
+    np.testing.assert_allclose(grads[label], ref_grads[label], rtol=1e-4, atol=1e-5 * scale, err_msg=label)
+  for key in ref_metrics:
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  return ref_metrics
 
 
 def test_unlearning_loss_is_stable_and_matches_naive_formula():
@@ -275,14 +282,7 @@ def test_a_batch_that_micro_batches_do_not_divide_is_padded_with_rows_that_count
   assert (flat.retain.positions_BxL[8:] == -1).all()
   loss_fn = train_lib.EditLoss(train_lib.EditConfig(forget_loss="unlearn", unlearn_logprob_floor=-6.3))
   params, trainable, _ = train_lib.mask_trainable(tiny_model, mlp_mask(0))
-  g_padded, m_padded = _grads(params, trainable, padded, loss_fn)
-  g_whole, m_whole = _grads(params, trainable, whole, loss_fn)
-  for label in params:
-    scale = float(jnp.abs(g_whole[label]).max())
-    assert scale > 0
-    np.testing.assert_allclose(g_padded[label], g_whole[label], rtol=1e-4, atol=1e-5 * scale, err_msg=label)
-  for key in m_whole:
-    np.testing.assert_allclose(m_padded[key], m_whole[key], rtol=1e-5, err_msg=key)
+  _assert_same_step(params, trainable, padded, whole, loss_fn)
   # A pool of another type has no padding rows to add: named, not silently reshaped.
   with pytest.raises(ValueError, match="forget batch of 8 .*num_microbatches=3, and a dict has no padding rows"):
     train_lib.make_batch_fn(train_lib.EditData(forget={"x": np.zeros((8, 2))}),
