@@ -507,8 +507,9 @@ def _nested_order(keys: Sequence[tuple[int, str | None, str]]) -> list[tuple[int
 def stage_time_markdown(summaries: Sequence[Mapping[str, Any]], max_depth: int = 1) -> str:
   """Median seconds per stage over the cells that recorded their stages ("" if none did).
 
-  Depth 0 is a run's own stages (edit, evaluations, the robustness suite per model),
-  depth 1 the robustness suite's attacks and evaluations. A stage read back from an
+  Depth 0 is a run's own stages (edit, evaluations, the robustness suite per model, the
+  study's cell mask), depth 1 their inner stages (the suite's attacks and evaluations,
+  the mask's localization), each listed under its parent. A stage read back from an
   earlier attempt or shared with another cell takes near zero, so medians, not means.
   """
   timed = [s for s in summaries if s.get("stage_seconds")]
