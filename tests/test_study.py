@@ -584,7 +584,9 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
   ]
   assert states["facts/ap/seed0"].detail == "the same edit as fact_lookup"
   assert states["facts/ap/seed1"].detail == "2 attempt(s) recorded; before the edit's first checkpoint"
-  assert "out of memory" in states["facts/random/seed1"].detail
+  assert states["facts/random/seed1"].detail == (
+    "RuntimeError: out of memory; resumes at: before the edit's first checkpoint"
+  )
   assert {states[f"whole/{m}/seed{k}"].status for m in config.methods for k in (0, 1)} == {"pending"}
   # A first attempt records its time when it ends; its run folder says it started.
   (study.Cell("whole", "ap", 1).run_dir(work) / "checkpoints").mkdir(parents=True)

@@ -100,7 +100,12 @@ def cell_states(
     attempts = io.read_json(timing_path, "cell timing").get("attempts", []) if timing_path.is_file() else []
     seconds = float(sum(attempts))
     if cell.label in failures:
-      states.append(CellState(cell, FAILED, seconds, failures[cell.label]))
+      # A failure stays recorded until the cell finishes; a later attempt that got
+      # further (interrupted after the bug was fixed) says where a rerun resumes.
+      detail = failures[cell.label]
+      if run_dir.is_dir():
+        detail += f"; resumes at: {_started_detail(run_dir, config.cell_spec(cell).edit.steps)}"
+      states.append(CellState(cell, FAILED, seconds, detail))
     elif attempts or run_dir.is_dir():
       # An attempt's time is recorded when it ends: a run folder without one is the first
       # attempt, running now (or killed without a chance to record it).
