@@ -5,12 +5,14 @@ from them (`report.py`), `launch.compare_runs` reads their results and the study
 reads them to say where a started cell will resume (`study/plan.py`). Keeping the names
 here keeps those readers in step with the writer.
 
-  config.json                 the spec
+  config.json                 the spec (a different spec in the same workdir is refused)
   knowledge.json              p(true) of every fact, the filter's counts
   split.json                  the seeded split
   localization/               mask.npz, localization.json, fact_lookup/ evidence
-  checkpoints/                orbax checkpoints of the edit (round_<r>/ per sequential round)
-  evaluation/<model>.json     every format on "unedited", "edited" (or "round_<r>")
+  checkpoints/                orbax checkpoints of the edit (trained leaves only;
+                              round_<r>/ per sequential round)
+  evaluation/<model>.json     every format on "unedited", then "edited" (with KL on
+                              held-out retain text) or "round_<r>"
   robustness/<model>/         each robustness stage's output, per model
   results.json|md|png         the report
 """

@@ -1,18 +1,9 @@
 """The main job: knowledge -> split -> localize -> retain -> evaluate -> edit -> evaluate.
 
 `run_experiment(spec, workdir)` calls the stages of `stages.py` in order, each with
-its own output in the workdir (`layout.RunLayout` names them), then builds the report
-from those outputs:
-
-  config.json                 the spec (a different spec in the same workdir is refused)
-  knowledge.json              p(true) of every fact, the filter's counts
-  split.json                  the seeded split
-  localization/               mask.npz, localization.json, fact_lookup/ evidence
-  checkpoints/                orbax checkpoints of the edit (trained leaves only)
-  evaluation/unedited.json    every format before the edit
-  evaluation/edited.json      ... and after (with KL on held-out retain text)
-  robustness/<model>/         the robustness stages on the unedited and edited models
-  results.json|md|png         the report
+its own output in the workdir (config, knowledge, split, localization, checkpoints,
+evaluations, robustness outputs; `layout.py` lists and names them), then builds the
+report (results.json|md|png) from those outputs.
 
 A killed run resumes (finished stages are read back; the edit continues from its
 latest checkpoint); a finished run reruns in seconds and rewrites nothing.

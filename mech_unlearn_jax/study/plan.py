@@ -99,19 +99,18 @@ def cell_states(
     timing_path = run_dir / CELL_TIMING_FILE
     attempts = io.read_json(timing_path, "cell timing").get("attempts", []) if timing_path.is_file() else []
     seconds = float(sum(attempts))
+    # Recorded attempts live in the run folder, so either means the cell has started.
+    resume = _started_detail(run_dir, config.cell_spec(cell).edit.steps) if run_dir.is_dir() else None
     if cell.label in failures:
       # A failure stays recorded until the cell finishes; a later attempt that got
       # further (interrupted after the bug was fixed) says where a rerun resumes.
-      detail = failures[cell.label]
-      if run_dir.is_dir():
-        detail += f"; resumes at: {_started_detail(run_dir, config.cell_spec(cell).edit.steps)}"
+      detail = failures[cell.label] + (f"; resumes at: {resume}" if resume else "")
       states.append(CellState(cell, FAILED, seconds, detail))
-    elif attempts or run_dir.is_dir():
+    elif resume:
       # An attempt's time is recorded when it ends: a run folder without one is the first
       # attempt, running now (or killed without a chance to record it).
       attempts_text = f"{len(attempts)} attempt(s) recorded" if attempts else "first attempt running or killed"
-      detail = _started_detail(run_dir, config.cell_spec(cell).edit.steps)
-      states.append(CellState(cell, STARTED, seconds, f"{attempts_text}; {detail}"))
+      states.append(CellState(cell, STARTED, seconds, f"{attempts_text}; {resume}"))
     else:
       states.append(CellState(cell, PENDING))
   return states
