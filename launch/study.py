@@ -13,10 +13,13 @@
 Rerunning the same command resumes: finished cells are skipped, a killed cell resumes
 from its stages and checkpoints. `--commit_results` commits the results folder (and
 only it) after every finished cell, so an interrupted study's results are kept.
-`--plan` reads what is done and what a rerun will do (and how long, at the finished
-cells' pace) without loading the model or taking the workdir's lock.
+`--finish_by=2026-12-07T18:30` starts no cell that would end later at the finished
+cells' pace, so a job with a wall-time limit stops between cells. `--plan` reads what
+is done and what a rerun will do (and how long, at the finished cells' pace) without
+loading the model or taking the workdir's lock.
 """
 
+import datetime
 import pathlib
 import subprocess
 import sys
@@ -35,6 +38,13 @@ flags.DEFINE_list("only_settings", [], "Run only these settings.")
 flags.DEFINE_list("only_methods", [], "Run only these methods.")
 flags.DEFINE_list("only_seeds", [], "Run only these seeds.")
 flags.DEFINE_integer("max_cells", 0, "Stop after running this many cells (0: all).")
+flags.DEFINE_string(
+  "finish_by",
+  "",
+  "Start no cell that would end after this time at the finished cells' median pace; the study"
+  " stops there (ISO 8601, e.g. 2026-12-07T18:30 or 2026-12-07T18:30+01:00; without an offset,"
+  " the machine's local time). For a job with a wall-time limit.",
+)
 flags.DEFINE_bool("keep_going", False, "Record a failing cell and continue with the next.")
 flags.DEFINE_bool("commit_results", False, "git-commit --results_dir after every finished cell.")
 # A study runs many cells of one model in one process: the attacks' and scorers'
@@ -67,6 +77,16 @@ def commit_results(path: str, message: str, attempts: int = 10) -> None:
     return
 
 
+def parse_finish_by(text: str) -> float | None:
+  """`--finish_by` as `time.time()` seconds (None when empty)."""
+  if not text:
+    return None
+  try:
+    return datetime.datetime.fromisoformat(text).timestamp()
+  except ValueError:
+    raise ValueError(f"--finish_by must be an ISO 8601 time such as 2026-12-07T18:30, got {text!r}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -80,6 +100,7 @@ def main(argv):
     except ValueError:
       raise ValueError(f"--only_seeds must be integers, got {FLAGS.only_seeds}") from None
     results_dir = FLAGS.results_dir or f"{FLAGS.workdir}/results"
+    finish_by = parse_finish_by(FLAGS.finish_by)
     if FLAGS.plan:
       states = study.cell_states(
         config, FLAGS.workdir, results_dir, FLAGS.only_settings, FLAGS.only_methods, seeds
@@ -110,6 +131,7 @@ def main(argv):
       only_methods=FLAGS.only_methods,
       only_seeds=seeds,
       max_cells=FLAGS.max_cells,
+      finish_by=finish_by,
       keep_going=FLAGS.keep_going,
       on_cell_done=on_cell_done,
     )

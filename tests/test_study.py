@@ -5,6 +5,7 @@ import json
 import dataclasses
 import math
 import shutil
+import time
 
 import pytest
 
@@ -443,6 +444,10 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   states = study.cell_states(config, tmp_path / "work", out)
   assert [s.status for s in states] == ["done", "pending"]
   assert study.remaining_seconds(states) == pytest.approx(states[0].seconds)  # one more cell at its pace
+  # A finish time the next cell cannot make at that pace stops the study before it.
+  outcomes = study.run_study(config, tmp_path / "work", out, finish_by=time.time() + 0.5 * states[0].seconds)
+  assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "skipped")]
+  assert [s.status for s in study.cell_states(config, tmp_path / "work", out)] == ["done", "pending"]
   timing = io.read_json(first_dir / "study_timing.json")
   assert len(timing["attempts"]) == 2
   # The killed attempt's stages count too: its edit ran in attempt 0.
@@ -596,9 +601,30 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
   # Pace: the median of the cells that ran (100, 200, 300 s), borrowed by the setting
   # without finished cells. Left: ap seed1 (200 - 80), the failed cell, six pending.
   assert study.remaining_seconds(list(states.values())) == pytest.approx(120.0 + 200.0 + 6 * 200.0)
+  # A cell starts only if it ends by the finish time at that pace (ap seed1: 120 s left).
+  in_order = list(states.values())
+  started = states["facts/ap/seed1"]
+  assert study.seconds_left(in_order, started) == pytest.approx(120.0)
+  assert study.past_deadline(in_order, started.cell, now=1000.0, finish_by=1120.0) is None
+  reason = study.past_deadline(in_order, started.cell, now=1000.0, finish_by=1060.0)
+  assert reason == (
+    "facts/ap/seed1 needs about 2 min at the median finished cell's pace and 1 min are left before the finish time"
+  )
+  assert study.past_deadline(in_order, states["facts/fact_lookup/seed0"].cell, now=1000.0, finish_by=0.0) is None
+  pending = [study.CellState(s.cell, "pending") for s in in_order]  # no pace yet: it runs
+  assert study.past_deadline(pending, started.cell, now=1000.0, finish_by=0.0) is None
   text = study.plan_markdown(list(states.values()))
   assert "| facts | 3 | 1 | 1 | 1 | 0 | 3 min |" in text and "| whole | 0 | 0 | 0 | 0 | 6 | 3 min (other settings') |" in text
   assert "4 of 12 cells finished" in text and "- facts/random/seed1: failed, 20 s so far; RuntimeError" in text
+
+
+def test_finish_by_flag_reads_iso_times_and_names_itself_when_it_cannot():
+  from launch.study import parse_finish_by  # pylint: disable=g-import-not-at-top  (defines absl flags)
+
+  assert parse_finish_by("") is None
+  assert parse_finish_by("2026-12-07T18:30+01:00") == 1796664600.0  # 17:30 UTC
+  with pytest.raises(ValueError, match=r"--finish_by must be an ISO 8601 time .* got '18h30'"):
+    parse_finish_by("18h30")
 
 
 def test_stage_times_nest_each_inner_stage_under_its_own_parent():

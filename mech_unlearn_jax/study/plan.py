@@ -128,21 +128,39 @@ def pace(states: Sequence[CellState], setting: str) -> float | None:
   return None
 
 
+def seconds_left(states: Sequence[CellState], state: CellState) -> float | None:
+  """Wall time `state`'s cell still needs at its setting's `pace`: 0 once done or
+  reused, the pace less the attempts so far for a started cell, the pace otherwise;
+  None before any cell has finished."""
+  if state.status in (DONE, REUSED):
+    return 0.0
+  per_cell = pace(states, state.cell.setting)
+  if per_cell is None:
+    return None
+  return max(per_cell - state.seconds, 0.0) if state.status == STARTED else per_cell
+
+
 def remaining_seconds(states: Sequence[CellState]) -> float | None:
-  """Wall time left if every unfinished cell runs at its setting's `pace` (a started
-  cell's attempts so far subtracted); None when no cell has finished. An upper bound
-  where cells turn out to be twins of finished ones (seconds each): whether a cell is a
-  twin is known only once its localization ran."""
-  paces = {setting: pace(states, setting) for setting in {s.cell.setting for s in states}}
-  left = 0.0
-  for s in states:
-    if s.status in (DONE, REUSED):
-      continue
-    per_cell = paces[s.cell.setting]
-    if per_cell is None:
-      return None
-    left += max(per_cell - s.seconds, 0.0) if s.status == STARTED else per_cell
-  return left
+  """Wall time left if every unfinished cell runs at its setting's `pace`
+  (`seconds_left`); None when no cell has finished. An upper bound where cells turn
+  out to be twins of finished ones (seconds each): whether a cell is a twin is known
+  only once its localization ran."""
+  left = [seconds_left(states, s) for s in states]
+  return None if None in left else float(sum(left))
+
+
+def past_deadline(states: Sequence[CellState], cell: Cell, now: float, finish_by: float) -> str | None:
+  """Why `cell` should not start at `now` (epoch seconds) in a run that must end by
+  `finish_by`: it would end later at its setting's pace; None when it fits, is
+  finished, or no cell has set a pace yet (then nothing can be estimated and it runs)."""
+  [state] = [s for s in states if s.cell == cell]
+  needed = seconds_left(states, state)
+  if not needed or now + needed <= finish_by:
+    return None
+  return (
+    f"{cell.label} needs about {needed / 60:.0f} min at the median finished cell's pace and"
+    f" {max(finish_by - now, 0.0) / 60:.0f} min are left before the finish time"
+  )
 
 
 def plan_markdown(states: Sequence[CellState]) -> str:

@@ -22,6 +22,7 @@ from mech_unlearn_jax.experiment.spec import ExperimentSpec
 from mech_unlearn_jax.localize import baselines as baselines_lib
 from mech_unlearn_jax.localize import masks as masks_lib
 from mech_unlearn_jax.study.config import CELL_SUMMARY_FILE, CELL_TIMING_FILE, FAILURES_FILE, Cell, StudyConfig
+from mech_unlearn_jax.study import plan as plan_lib
 from mech_unlearn_jax.study.metrics import MASK_JACCARD, cell_metrics
 from mech_unlearn_jax.study.aggregate import StudyData, finished_cells
 from mech_unlearn_jax.study.report import write_outputs
@@ -366,6 +367,7 @@ def run_study(
   only_methods: Sequence[str] = (),
   only_seeds: Sequence[int] = (),
   max_cells: int = 0,
+  finish_by: float | None = None,
   keep_going: bool = False,
   on_cell_done: Callable[[CellOutcome, StudyData], None] | None = None,
   loader: Callable[[str, int], tuple[Any, Any]] | None = None,
@@ -402,6 +404,11 @@ def run_study(
     for i, cell in enumerate(cells):
       if max_cells and ran >= max_cells:
         break
+      if finish_by is not None:
+        reason = plan_lib.past_deadline(plan_lib.cell_states(config, workdir, out_dir), cell, time.time(), finish_by)
+        if reason:
+          progress.stage_line("study stopped", 0.0, reason)
+          break
       try:
         with progress.stage(f"cell {i + 1}/{len(cells)}") as info:
           outcome = run_cell(config, cell, workdir, out_dir, models)
