@@ -43,7 +43,7 @@ flags.DEFINE_string(
   "",
   "Start no cell that would end after this time at the finished cells' median pace; the study"
   " stops there (ISO 8601, e.g. 2026-12-07T18:30 or 2026-12-07T18:30+01:00; without an offset,"
-  " the machine's local time). For a job with a wall-time limit.",
+  " the machine's local time). For a job with a wall-time limit; with --plan, lists the cells that fit.",
 )
 flags.DEFINE_bool("keep_going", False, "Record a failing cell and continue with the next.")
 flags.DEFINE_bool("commit_results", False, "git-commit --results_dir after every finished cell.")
@@ -105,7 +105,7 @@ def main(argv):
       states = study.cell_states(
         config, FLAGS.workdir, results_dir, FLAGS.only_settings, FLAGS.only_methods, seeds
       )
-      print(study.plan_markdown(states), end="")
+      print(study.plan_markdown(states, finish_by=finish_by), end="")
       return
     if FLAGS.report_only:
       data = study.write_outputs(config, pathlib.Path(results_dir))

@@ -613,6 +613,13 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
   assert study.past_deadline(in_order, states["facts/fact_lookup/seed0"].cell, now=1000.0, finish_by=0.0) is None
   pending = [study.CellState(s.cell, "pending") for s in in_order]  # no pace yet: it runs
   assert study.past_deadline(pending, started.cell, now=1000.0, finish_by=0.0) is None
+  # The cells a run would start by a finish time: ap seed1 (120 s), the failed random
+  # seed1 (200 s), not the next pending one (200 s more); none can be planned without a pace.
+  fitting = study.cells_before(in_order, now=0.0, finish_by=330.0)
+  assert [s.cell.label for s in fitting] == ["facts/ap/seed1", "facts/random/seed1"]
+  assert study.cells_before(pending, now=0.0, finish_by=330.0) is None
+  assert "start and end by" in study.plan_markdown(in_order, now=0.0, finish_by=330.0)
+  assert "(2): facts/ap/seed1, facts/random/seed1." in study.plan_markdown(in_order, now=0.0, finish_by=330.0)
   text = study.plan_markdown(list(states.values()))
   assert "| facts | 3 | 1 | 1 | 1 | 0 | 3 min |" in text and "| whole | 0 | 0 | 0 | 0 | 6 | 3 min (other settings') |" in text
   assert "4 of 12 cells finished" in text and "- facts/random/seed1: failed, 20 s so far; RuntimeError" in text

@@ -66,7 +66,7 @@ from mech_unlearn_jax.study.comparisons import (
 )
 from mech_unlearn_jax.study.config import UNEDITED, Cell, StudyConfig, StudySetting
 from mech_unlearn_jax.study.metrics import MASK_JACCARD, cell_metrics, robustness_metrics
-from mech_unlearn_jax.study.plan import CellState, cell_states, past_deadline, plan_markdown, remaining_seconds, seconds_left
+from mech_unlearn_jax.study.plan import CellState, cell_states, cells_before, past_deadline, plan_markdown, remaining_seconds, seconds_left
 from mech_unlearn_jax.study.report import headline_markdown, per_seed_markdown, setting_markdown, study_markdown, table_columns, write_outputs
 from mech_unlearn_jax.study.runner import (
     CellOutcome,

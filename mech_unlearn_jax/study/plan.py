@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import statistics
+import time
 from collections.abc import Sequence
 
 from mech_unlearn_jax import io
@@ -163,8 +164,27 @@ def past_deadline(states: Sequence[CellState], cell: Cell, now: float, finish_by
   )
 
 
-def plan_markdown(states: Sequence[CellState]) -> str:
-  """Counts per setting and status, the time left, and one line per unfinished cell."""
+def cells_before(states: Sequence[CellState], now: float, finish_by: float) -> list[CellState] | None:
+  """The unfinished cells a run started at `now` would start, in order, before it stops
+  at the first one that would end after `finish_by` (the runner's rule: `past_deadline`,
+  each cell taking its `seconds_left`); None before any cell has finished."""
+  started, clock = [], now
+  for s in states:
+    if s.status in (DONE, REUSED):
+      continue
+    needed = seconds_left(states, s)
+    if needed is None:
+      return None
+    if past_deadline(states, s.cell, clock, finish_by):
+      break
+    started.append(s)
+    clock += needed
+  return started
+
+
+def plan_markdown(states: Sequence[CellState], now: float | None = None, finish_by: float | None = None) -> str:
+  """Counts per setting and status, the time left, and one line per unfinished cell;
+  with `finish_by` (and `now`, epoch seconds), which cells a run started now would start."""
   statuses = (DONE, REUSED, STARTED, FAILED, PENDING)
   out = ["| setting | " + " | ".join(statuses) + " | pace (median finished cell) |", "|---" * (len(statuses) + 2) + "|"]
   for setting in dict.fromkeys(s.cell.setting for s in states):
@@ -185,6 +205,15 @@ def plan_markdown(states: Sequence[CellState]) -> str:
     + ("time left: unknown (no finished cell yet)" if left is None else f"time left at this pace: about {left / 3600:.1f} h")
     + " (twins of finished cells take seconds, so this is an upper bound)."
   )
+  if finish_by is not None:
+    fitting = cells_before(states, time.time() if now is None else now, finish_by)
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(finish_by))
+    out.append("")
+    if fitting is None:
+      out.append(f"Cells that end by {until}: unknown (no finished cell yet sets a pace).")
+    else:
+      labels = ", ".join(s.cell.label for s in fitting) or "none"
+      out.append(f"Cells a run started now would start and end by {until} at this pace ({len(fitting)}): {labels}.")
   unfinished = [s for s in states if s.status in (STARTED, FAILED)]
   if unfinished:
     out.append("")
