@@ -608,7 +608,7 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
   assert study.past_deadline(in_order, started.cell, now=1000.0, finish_by=1120.0) is None
   reason = study.past_deadline(in_order, started.cell, now=1000.0, finish_by=1060.0)
   assert reason == (
-    "facts/ap/seed1 needs about 2 min at the median finished cell's pace and 1 min are left before the finish time"
+    "facts/ap/seed1 needs about 2.0 min at the median finished cell's pace and 1.0 min are left before the finish time"
   )
   assert study.past_deadline(in_order, states["facts/fact_lookup/seed0"].cell, now=1000.0, finish_by=0.0) is None
   pending = [study.CellState(s.cell, "pending") for s in in_order]  # no pace yet: it runs

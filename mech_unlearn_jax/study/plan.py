@@ -159,8 +159,8 @@ def past_deadline(states: Sequence[CellState], cell: Cell, now: float, finish_by
   if not needed or now + needed <= finish_by:
     return None
   return (
-    f"{cell.label} needs about {needed / 60:.0f} min at the median finished cell's pace and"
-    f" {max(finish_by - now, 0.0) / 60:.0f} min are left before the finish time"
+    f"{cell.label} needs about {needed / 60:.1f} min at the median finished cell's pace and"
+    f" {max(finish_by - now, 0.0) / 60:.1f} min are left before the finish time"
   )
 
 
