@@ -401,11 +401,15 @@ def run_study(
     if backfill_mask_records(config, workdir, out_dir, models):
       write_outputs(config, out_dir)
     ran = 0
+    # The whole study's states set the pace; they change only when a cell runs, so
+    # they are read again after one did, not before every (mostly finished) cell.
+    states = None
     for i, cell in enumerate(cells):
       if max_cells and ran >= max_cells:
         break
       if finish_by is not None:
-        reason = plan_lib.past_deadline(plan_lib.cell_states(config, workdir, out_dir), cell, time.time(), finish_by)
+        states = states or plan_lib.cell_states(config, workdir, out_dir)
+        reason = plan_lib.past_deadline(states, cell, time.time(), finish_by)
         if reason:
           progress.stage_line("study stopped", 0.0, reason)
           break
@@ -422,6 +426,7 @@ def run_study(
         progress.stage_line("cell failed", 0.0, f"{cell.label}: {outcome.error}")
       outcomes.append(outcome)
       if outcome.status != "skipped":
+        states = None
         sync_shared(workdir / "shared", out_dir / "shared")
       if outcome.status in ("ran", "reused"):
         ran += outcome.status == "ran"
