@@ -15,8 +15,9 @@ from its stages and checkpoints. `--commit_results` commits the results folder (
 only it) after every finished cell, so an interrupted study's results are kept.
 `--finish_by=2026-12-07T18:30` starts no cell that would end later at the finished
 cells' pace, so a job with a wall-time limit stops between cells. `--plan` reads what
-is done and what a rerun will do (and how long, at the finished cells' pace) without
-loading the model or taking the workdir's lock.
+is done and what a rerun will do (and how long, at the finished cells' pace: the whole
+study's, with or without `--only_*`, as the runner's) without loading the model or
+taking the workdir's lock.
 """
 
 import datetime
@@ -102,10 +103,12 @@ def main(argv):
     results_dir = FLAGS.results_dir or f"{FLAGS.workdir}/results"
     finish_by = parse_finish_by(FLAGS.finish_by)
     if FLAGS.plan:
-      states = study.cell_states(
-        config, FLAGS.workdir, results_dir, FLAGS.only_settings, FLAGS.only_methods, seeds
-      )
-      print(study.plan_markdown(states, finish_by=finish_by), end="")
+      # The runner paces cells by the whole study's finished cells, so the plan of a
+      # subset (`--only_*`) does too.
+      whole_study = study.cell_states(config, FLAGS.workdir, results_dir)
+      shown = set(config.cells(FLAGS.only_settings, FLAGS.only_methods, seeds))
+      states = [s for s in whole_study if s.cell in shown]
+      print(study.plan_markdown(states, finish_by=finish_by, paced_by=whole_study), end="")
       return
     if FLAGS.report_only:
       data = study.write_outputs(config, pathlib.Path(results_dir))

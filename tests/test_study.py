@@ -620,6 +620,16 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
   assert study.cells_before(pending, now=0.0, finish_by=330.0) is None
   assert "start and end by" in study.plan_markdown(in_order, now=0.0, finish_by=330.0)
   assert "(2): facts/ap/seed1, facts/random/seed1." in study.plan_markdown(in_order, now=0.0, finish_by=330.0)
+  # A plan of some cells paces them by the whole study's finished cells (median 200 s),
+  # as the runner does, not by the shown cells' own (random seed0 alone: 300 s).
+  only_random = [s for s in in_order if s.cell.method == "random"]
+  assert [s.cell.label for s in study.cells_before(only_random, now=0.0, finish_by=250.0, paced_by=in_order)] == [
+    "facts/random/seed1"
+  ]
+  assert study.cells_before(only_random, now=0.0, finish_by=250.0) == []  # its own pace: 300 s
+  paced = study.plan_markdown(only_random, now=0.0, finish_by=250.0, paced_by=in_order)
+  assert "| facts | 1 | 0 | 0 | 1 | 0 | 3 min |" in paced and "(1): facts/random/seed1." in paced
+  assert "| facts | 1 | 0 | 0 | 1 | 0 | 5 min |" in study.plan_markdown(only_random)
   text = study.plan_markdown(list(states.values()))
   assert "| facts | 3 | 1 | 1 | 1 | 0 | 3 min |" in text and "| whole | 0 | 0 | 0 | 0 | 6 | 3 min (other settings') |" in text
   assert "4 of 12 cells finished" in text and "- facts/random/seed1: failed, 20 s so far; RuntimeError" in text

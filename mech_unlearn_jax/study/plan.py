@@ -141,12 +141,14 @@ def seconds_left(states: Sequence[CellState], state: CellState) -> float | None:
   return max(per_cell - state.seconds, 0.0) if state.status == STARTED else per_cell
 
 
-def remaining_seconds(states: Sequence[CellState]) -> float | None:
-  """Wall time left if every unfinished cell runs at its setting's `pace`
-  (`seconds_left`); None when no cell has finished. An upper bound where cells turn
-  out to be twins of finished ones (seconds each): whether a cell is a twin is known
-  only once its localization ran."""
-  left = [seconds_left(states, s) for s in states]
+def remaining_seconds(states: Sequence[CellState], paced_by: Sequence[CellState] | None = None) -> float | None:
+  """Wall time left if every unfinished cell of `states` runs at its setting's `pace`
+  among `paced_by` (default: `states`; the whole study's for a filtered plan, as the
+  runner paces); None when no cell has finished. An upper bound where cells turn out
+  to be twins of finished ones (seconds each): whether a cell is a twin is known only
+  once its localization ran."""
+  paced_by = states if paced_by is None else paced_by
+  left = [seconds_left(paced_by, s) for s in states]
   return None if None in left else float(sum(left))
 
 
@@ -164,40 +166,53 @@ def past_deadline(states: Sequence[CellState], cell: Cell, now: float, finish_by
   )
 
 
-def cells_before(states: Sequence[CellState], now: float, finish_by: float) -> list[CellState] | None:
-  """The unfinished cells a run started at `now` would start, in order, before it stops
-  at the first one that would end after `finish_by` (the runner's rule: `past_deadline`,
-  each cell taking its `seconds_left`); None before any cell has finished."""
+def cells_before(
+  states: Sequence[CellState], now: float, finish_by: float, paced_by: Sequence[CellState] | None = None
+) -> list[CellState] | None:
+  """The unfinished cells of `states` a run started at `now` would start, in order,
+  before it stops at the first one that would end after `finish_by` (the runner's rule:
+  `past_deadline`, each cell taking its `seconds_left` at the pace of `paced_by`: the
+  whole study's states, which hold `states`' cells, default `states`); None before any
+  cell has finished."""
+  paced_by = states if paced_by is None else paced_by
   started, clock = [], now
   for s in states:
     if s.status in (DONE, REUSED):
       continue
-    needed = seconds_left(states, s)
+    needed = seconds_left(paced_by, s)
     if needed is None:
       return None
-    if past_deadline(states, s.cell, clock, finish_by):
+    if past_deadline(paced_by, s.cell, clock, finish_by):
       break
     started.append(s)
     clock += needed
   return started
 
 
-def plan_markdown(states: Sequence[CellState], now: float | None = None, finish_by: float | None = None) -> str:
-  """Counts per setting and status, the time left, and one line per unfinished cell;
-  with `finish_by` (and `now`, epoch seconds), which cells a run started now would start."""
+def plan_markdown(
+  states: Sequence[CellState],
+  now: float | None = None,
+  finish_by: float | None = None,
+  paced_by: Sequence[CellState] | None = None,
+) -> str:
+  """Counts per setting and status, the time left, and one line per unfinished cell of
+  `states`; with `finish_by` (and `now`, epoch seconds), which cells a run started now
+  would start. Paces come from `paced_by` (default `states`): for a plan of some cells,
+  the whole study's states, which is what the runner paces its cells by."""
+  paced_by = states if paced_by is None else paced_by
   statuses = (DONE, REUSED, STARTED, FAILED, PENDING)
   out = ["| setting | " + " | ".join(statuses) + " | pace (median finished cell) |", "|---" * (len(statuses) + 2) + "|"]
   for setting in dict.fromkeys(s.cell.setting for s in states):
     mine = [s for s in states if s.cell.setting == setting]
-    per_cell = pace(states, setting)
+    per_cell = pace(paced_by, setting)
     counts = " | ".join(str(sum(s.status == st for s in mine)) for st in statuses)
     if per_cell is None:
       pace_text = "-"
     else:
-      own = any(s.status == DONE and s.seconds > 0 for s in mine)
+      own = any(s.status == DONE and s.seconds > 0 and s.cell.setting == setting for s in paced_by)
       pace_text = f"{per_cell / 60:.0f} min" + ("" if own else " (other settings')")
     out.append(f"| {setting} | {counts} | {pace_text} |")
-  left = remaining_seconds(states)
+  left = remaining_seconds(states, paced_by)
   finished = sum(s.status in (DONE, REUSED) for s in states)
   out.append("")
   out.append(
@@ -206,7 +221,7 @@ def plan_markdown(states: Sequence[CellState], now: float | None = None, finish_
     + " (twins of finished cells take seconds, so this is an upper bound)."
   )
   if finish_by is not None:
-    fitting = cells_before(states, time.time() if now is None else now, finish_by)
+    fitting = cells_before(states, time.time() if now is None else now, finish_by, paced_by)
     until = time.strftime("%Y-%m-%d %H:%M", time.localtime(finish_by))
     out.append("")
     if fitting is None:
