@@ -245,8 +245,17 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   assert rows["forget_qa"]["random"].n == 3
   fl, rnd = data.values[("facts", "fact_lookup", "forget_qa")], data.values[("facts", "random", "forget_qa")]
   assert rows["forget_qa"]["random"].mean == pytest.approx(sum(fl[s] - rnd[s] for s in fl) / 3)
-  assert study.baseline_contrasts(data, config.settings[1]) is None  # whole-sport setting
-  assert "### Fact lookup against the baselines: facts" in study.study_markdown(data, {})
+  assert "whole_set" in base and not base["whole_set"]
+  # Whole-sport setting: its claim compares no methods, so every other method is described.
+  whole = study.baseline_contrasts(data, config.settings[1])
+  assert whole["whole_set"] and whole["methods"] == ["ap", "random"]
+  rows = dict(whole["rows"])
+  fl, ap = data.values[("whole", "fact_lookup", "forget_qa")], data.values[("whole", "ap", "forget_qa")]
+  assert rows["forget_qa"]["ap"].n == 2
+  assert rows["forget_qa"]["ap"].mean == pytest.approx(sum(fl[s] - ap[s] for s in fl) / 2)
+  text = study.study_markdown(data, {})
+  assert "### Fact lookup against the baselines: facts" in text
+  assert "### Fact lookup against every method: whole" in text and "no verdict reads this table" in text
   # The same-mask cells measure what the families' hyperparameters alone change.
   facts = config.settings[0]
   contrast = study.same_mask_contrasts(data, facts)

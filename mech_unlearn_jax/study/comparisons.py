@@ -4,7 +4,8 @@ Each claim compares fact lookup with other localizations on the measures the pap
 names (other formats, relearning, latent probes, soft prompts, side effects); a
 comparator that trained fact lookup's own mask in every paired seed is left out. Also
 the controls: the same claims at matched edit hyperparameters, the same mask trained
-with other hyperparameters, and fact lookup against the non-localized baselines.
+with other hyperparameters, and fact lookup against the non-localized baselines (on
+whole-sport settings, whose claim compares no methods, against every method).
 """
 
 from __future__ import annotations
@@ -239,41 +240,91 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
   return out
 
 
-def baseline_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any] | None:
-  """Fact lookup minus each baseline (every method but fact lookup and output tracing),
-  paired by seed, on the claims' metrics: the paper's comparisons with random, all-MLP
-  and nonlocalized edits, reported beside the verdicts (which test output tracing only).
+SOFT_PROMPT_METRICS = ("softprompt_prefix_forget", "softprompt_adapter_forget")
 
-  Returns None for whole-sport settings or without a baseline paired with fact lookup;
-  else {"setting", "methods", "rows": [(metric, {method: Interval})]}.
+
+def _contrast_metrics(data: StudyData, setting: str) -> list[str]:
+  """The claims' metrics of a setting, with the soft-prompt attacks after relearning
+  (an attack no claim counts, reported beside them)."""
+  out = []
+  for claim, metrics, _ in _claim_specs(data, setting):
+    out.extend(metric for metric, _ in metrics)
+    if "relearning" in claim:
+      out.extend(SOFT_PROMPT_METRICS)
+  return out
+
+
+def baseline_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any] | None:
+  """Fact lookup minus other methods, paired by seed, on the claims' metrics and the
+  soft-prompt attacks, reported beside the verdicts.
+
+  Fact-set settings: every baseline (every method but fact lookup and output tracing,
+  which the verdicts test): the paper's comparisons with random, all-MLP and
+  nonlocalized edits. Whole-sport settings, whose one claim (relearning) does not
+  compare methods: every other method, output tracing included, as a description.
+
+  Returns None without a method paired with fact lookup; else {"setting", "methods",
+  "rows": [(metric, {method: Interval})], "whole_set", "confidence", "same_mask":
+  {method: seeds in which it trained fact lookup's mask}}.
   """
-  if get_task(setting.task).whole_set_split(setting.split):
-    return None
-  methods = [m for m in data.config.methods if m != "fact_lookup" and m not in OUTPUT_TRACING]
+  whole_set = get_task(setting.task).whole_set_split(setting.split)
+  methods = [
+    m for m in data.config.methods if m != "fact_lookup" and (whole_set or m not in OUTPUT_TRACING)
+  ]
+  present = set(data.metrics(setting.name))
   rows, used = [], []
-  for _, metrics, _ in _claim_specs(data, setting.name):
-    for metric, _ in metrics:
-      mine = data.values.get((setting.name, "fact_lookup", metric), {})
-      row = {}
-      for m in methods:
-        paired = paired_interval(mine, data.values.get((setting.name, m, metric), {}), data.config.confidence)
-        if paired is not None:
-          row[m] = paired[1]
-          used.append(m)
-      if row:
-        rows.append((metric, row))
+  for metric in _contrast_metrics(data, setting.name):
+    if metric not in present:
+      continue
+    mine = data.values.get((setting.name, "fact_lookup", metric), {})
+    row = {}
+    for m in methods:
+      paired = paired_interval(mine, data.values.get((setting.name, m, metric), {}), data.config.confidence)
+      if paired is not None:
+        row[m] = paired[1]
+        used.append(m)
+    if row:
+      rows.append((metric, row))
   if not rows:
     return None
-  return {"setting": setting.name, "methods": [m for m in methods if m in used], "rows": rows}
+  methods = [m for m in methods if m in used]
+  same = {m: same_mask_seeds(data, setting.name, m) for m in methods}
+  return {
+    "setting": setting.name, "methods": methods, "rows": rows, "whole_set": whole_set,
+    "confidence": data.config.confidence,
+    "same_mask": {m: seeds for m, seeds in same.items() if seeds},
+  }
 
 
 def baseline_markdown(contrast: Mapping[str, Any]) -> str:
   """`baseline_contrasts` as a table (mean [t-interval], n seeds)."""
   methods = contrast["methods"]
+  intervals = [iv for _, row in contrast["rows"] for iv in row.values() if iv.lo is not None]
+  confidence = contrast["confidence"]
+  if contrast.get("whole_set"):
+    title = f"### Fact lookup against every method: {contrast['setting']}\n"
+    why = (
+      "A description: the whole-sport claim (relearning) does not compare methods, so no verdict"
+      " reads this table."
+    )
+  else:
+    title = f"### Fact lookup against the baselines: {contrast['setting']}\n"
+    why = "Not part of the verdicts above, which compare with output tracing."
   lines = [
-    f"### Fact lookup against the baselines: {contrast['setting']}\n",
-    "Fact lookup minus each baseline, paired by seed: mean [t-interval] (n seeds); `*` where the interval"
-    " excludes 0. Not part of the verdicts above, which compare with output tracing.\n",
+    title,
+    "Fact lookup minus each method, paired by seed: mean [t-interval] (n seeds); `*` where the interval"
+    f" excludes 0. {why} {sum(map(excludes_zero, intervals))} of these {len(intervals)} intervals exclude 0;"
+    f" at {confidence:.0%}, about {(1 - confidence) * len(intervals):.1f} would by chance alone if no method"
+    " differed (fewer independent ones: the metrics move together).\n",
+  ]
+  same = contrast.get("same_mask") or {}
+  if same:
+    lines.append(
+      "Same mask as fact lookup (the difference is 0 in those seeds): "
+      + "; ".join(f"{m} in seed(s) {', '.join(map(str, seeds))}" for m, seeds in same.items())
+      + ".\n"
+    )
+  lines += [
     "| metric | " + " | ".join(methods) + " |",
     "|---|" + "---|" * len(methods),
   ]
