@@ -12,6 +12,7 @@ import pytest
 from configs import common, study_sports
 from mech_unlearn_jax import io, study
 from mech_unlearn_jax.experiment import ConfigError
+from mech_unlearn_jax.study import comparisons
 from mech_unlearn_jax.experiment import run as run_lib
 from mech_unlearn_jax.localize import select
 from mech_unlearn_jax.localize.select import METHODS
@@ -256,6 +257,9 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   text = study.study_markdown(data, {})
   assert "### Fact lookup against the baselines: facts" in text
   assert "### Fact lookup against every method: whole" in text and "no verdict reads this table" in text
+  assert "2 of these 6 intervals exclude 0; at 95%, about 0.3 would by chance alone" in text
+  one_seed = dict(whole, rows=[("forget_qa", {"ap": study.Interval(n=1, mean=0.1, lo=None, hi=None, sd=None)})])
+  assert "One paired seed each so far: no intervals." in comparisons.baseline_markdown(one_seed)
   # The same-mask cells measure what the families' hyperparameters alone change.
   facts = config.settings[0]
   contrast = study.same_mask_contrasts(data, facts)

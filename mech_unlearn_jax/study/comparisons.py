@@ -310,12 +310,18 @@ def baseline_markdown(contrast: Mapping[str, Any]) -> str:
   else:
     title = f"### Fact lookup against the baselines: {contrast['setting']}\n"
     why = "Not part of the verdicts above, which compare with output tracing."
+  if intervals:
+    count = (
+      f" {sum(map(excludes_zero, intervals))} of these {len(intervals)} intervals exclude 0; at {confidence:.0%},"
+      f" about {(1 - confidence) * len(intervals):.1f} would by chance alone if no method differed (fewer"
+      " independent ones: the metrics move together)."
+    )
+  else:
+    count = " One paired seed each so far: no intervals."
   lines = [
     title,
     "Fact lookup minus each method, paired by seed: mean [t-interval] (n seeds); `*` where the interval"
-    f" excludes 0. {why} {sum(map(excludes_zero, intervals))} of these {len(intervals)} intervals exclude 0;"
-    f" at {confidence:.0%}, about {(1 - confidence) * len(intervals):.1f} would by chance alone if no method"
-    " differed (fewer independent ones: the metrics move together).\n",
+    f" excludes 0. {why}{count}\n",
   ]
   same = contrast.get("same_mask") or {}
   if same:
