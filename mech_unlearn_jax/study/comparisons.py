@@ -247,9 +247,9 @@ def _contrast_metrics(data: StudyData, setting: str) -> list[str]:
   """The claims' metrics of a setting, with the soft-prompt attacks after relearning
   (an attack no claim counts, reported beside them)."""
   out = []
-  for claim, metrics, _ in _claim_specs(data, setting):
+  for _, metrics, _ in _claim_specs(data, setting):
     out.extend(metric for metric, _ in metrics)
-    if "relearning" in claim:
+    if any(metric.startswith("relearn_") for metric, _ in metrics):
       out.extend(SOFT_PROMPT_METRICS)
   return out
 
