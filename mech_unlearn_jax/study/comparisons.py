@@ -18,7 +18,7 @@ import numpy as np
 
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudySetting, UNEDITED
-from mech_unlearn_jax.study.metrics import MASK_JACCARD
+from mech_unlearn_jax.study.metrics import MASK_JACCARD, SOFT_PROMPT_METRICS
 from mech_unlearn_jax.study.aggregate import (
     Interval,
     SIDE_EFFECT_FORMATS,
@@ -240,9 +240,6 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
   return out
 
 
-SOFT_PROMPT_METRICS = ("softprompt_prefix_forget", "softprompt_adapter_forget")
-
-
 def _contrast_metrics(data: StudyData, setting: str) -> list[str]:
   """The claims' metrics of a setting, with the soft-prompt attacks after relearning
   (an attack no claim counts, reported beside them)."""
@@ -271,11 +268,8 @@ def baseline_contrasts(data: StudyData, setting: StudySetting) -> dict[str, Any]
   methods = [
     m for m in data.config.methods if m != "fact_lookup" and (whole_set or m not in OUTPUT_TRACING)
   ]
-  present = set(data.metrics(setting.name))
   rows, used = [], []
   for metric in _contrast_metrics(data, setting.name):
-    if metric not in present:
-      continue
     mine = data.values.get((setting.name, "fact_lookup", metric), {})
     row = {}
     for m in methods:
@@ -301,7 +295,7 @@ def baseline_markdown(contrast: Mapping[str, Any]) -> str:
   methods = contrast["methods"]
   intervals = [iv for _, row in contrast["rows"] for iv in row.values() if iv.lo is not None]
   confidence = contrast["confidence"]
-  if contrast.get("whole_set"):
+  if contrast["whole_set"]:
     title = f"### Fact lookup against every method: {contrast['setting']}\n"
     why = (
       "A description: the whole-sport claim (relearning) does not compare methods, so no verdict"
@@ -323,7 +317,7 @@ def baseline_markdown(contrast: Mapping[str, Any]) -> str:
     "Fact lookup minus each method, paired by seed: mean [t-interval] (n seeds); `*` where the interval"
     f" excludes 0. {why}{count}\n",
   ]
-  same = contrast.get("same_mask") or {}
+  same = contrast["same_mask"]
   if same:
     lines.append(
       "Same mask as fact lookup (the difference is 0 in those seeds): "

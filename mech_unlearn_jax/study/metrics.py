@@ -18,6 +18,12 @@ from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.evals import formats_eval
 
 
+# The soft-prompt attacks, and the study metric of each: the held-out forget facts'
+# p(true) after the attack.
+SOFT_PROMPT_KINDS = ("prefix", "adapter")
+SOFT_PROMPT_METRICS = tuple(f"softprompt_{kind}_forget" for kind in SOFT_PROMPT_KINDS)
+
+
 def _measure(task: str, fmt: str) -> tuple[str, str]:
   """(probability field, argmax field) of a format's cells (see the module docstring)."""
   return formats_eval.accuracy_fields(get_task(task).first_token_only, fmt)
@@ -73,11 +79,10 @@ def robustness_metrics(robust: Mapping[str, Any], task: str) -> dict[str, float]
     _put(out, "probe_chance", probes.get("chance"))
     _put(out, "probe_prior_true", probes.get("prior_true"))
     _put(out, "probe_prior_edit", probes.get("prior_edit"))
-  for kind in ("prefix", "adapter"):
+  for kind, name in zip(SOFT_PROMPT_KINDS, SOFT_PROMPT_METRICS):
     res = robust.get(f"softprompt_{kind}")
     if not res:
       continue
-    name = f"softprompt_{kind}_forget"
     if task == "counterfact":
       # The summary normalizes over (true, false); CounterFact reports full-vocab p.
       _put(out, name, float(np.mean([r["eval"]["prob_full"] for r in res["runs"]])))

@@ -13,7 +13,7 @@ import numpy as np
 from mech_unlearn_jax import io
 from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudyConfig, StudySetting, UNEDITED
-from mech_unlearn_jax.study.metrics import MASK_JACCARD
+from mech_unlearn_jax.study.metrics import MASK_JACCARD, SOFT_PROMPT_KINDS, SOFT_PROMPT_METRICS
 from mech_unlearn_jax.study.aggregate import SIDE_EFFECT_FORMATS, StudyData, _fmt_interval, clipped_to_range, _forget_formats, _formats, _relearn_steps, collect, csv_text
 from mech_unlearn_jax.study.comparisons import baseline_contrasts, baseline_markdown, claims, claims_markdown, same_mask_contrasts, same_mask_markdown, same_mask_seeds
 
@@ -28,7 +28,7 @@ def table_columns(data: StudyData, setting: str) -> list[tuple[str, list[str]]]:
   lora, full = _relearn_steps(data, setting, "lora"), _relearn_steps(data, setting, "full")
   t2 = [f"relearn_lora_forget_step{s}" for s in lora if s > 0]
   t2 += [f"relearn_full_forget_step{full[-1]}"] if full else []
-  t2 += ["probe_true_mean", "probe_edit_mean", "softprompt_prefix_forget", "softprompt_adapter_forget"]
+  t2 += ["probe_true_mean", "probe_edit_mean", *SOFT_PROMPT_METRICS]
   t3 = [f"maintain_{f}" for f in formats if f != "standard"]
   t3 += [f"{role}_{f}" for f in formats if f in SIDE_EFFECT_FORMATS for role in ("forget", "edit")]
   t3 += ["trivia_accuracy", "mc_benchmark_accuracy", "retain_kl", "trained_parameters", MASK_JACCARD, "cell_seconds"]
@@ -76,7 +76,7 @@ def _headline_columns(
   if every_attack:
     if full:
       cols.append((f"relearn_full_forget_step{full[-1]}", f"full-rank relearning, step {full[-1]}"))
-    cols += [("softprompt_prefix_forget", "soft prompt prefix"), ("softprompt_adapter_forget", "soft prompt adapter")]
+    cols += [(name, f"soft prompt {kind}") for kind, name in zip(SOFT_PROMPT_KINDS, SOFT_PROMPT_METRICS)]
   cols += [("probe_true_mean", "probe vs true answer"), ("probe_prior_true", "probe class prior")]
   # Side-effect formats keep their own, labelled column: there higher is better.
   cols += [(f"forget_{f}", f"{f} p(true), side effect") for f in _formats(data, name) if f in SIDE_EFFECT_FORMATS and f not in invalid]
