@@ -14,7 +14,8 @@ Rerunning the same command resumes: finished cells are skipped, a killed cell re
 from its stages and checkpoints. `--commit_results` commits the results folder (and
 only it) after every finished cell, so an interrupted study's results are kept.
 `--finish_by=2026-12-07T18:30` starts no cell that would end later at the finished
-cells' pace, so a job with a wall-time limit stops between cells. `--plan` reads what
+cells' pace (plus the unedited control where the cell is its seed's first), so a job
+with a wall-time limit stops between cells. `--plan` reads what
 is done and what a rerun will do (and how long, at the finished cells' pace: the whole
 study's, with or without `--only_*`, as the runner's) without loading the model or
 taking the workdir's lock.

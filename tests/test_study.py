@@ -456,7 +456,10 @@ def test_tiny_study_end_to_end_resumes_and_skips_finished_cells(tmp_path, monkey
   assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "ran")]  # stopped by max_cells
   states = study.cell_states(config, tmp_path / "work", out)
   assert [s.status for s in states] == ["done", "pending"]
-  assert study.remaining_seconds(states) == pytest.approx(states[0].seconds)  # one more cell at its pace
+  # One more cell at its pace, less the unedited control: the first cell computed its
+  # seed's control (read from its recorded stages), which the next one reads.
+  assert states[0].control_seconds > 0
+  assert study.remaining_seconds(states) == pytest.approx(states[0].seconds - states[0].control_seconds)
   # A finish time the next cell cannot make at that pace stops the study before it.
   outcomes = study.run_study(config, tmp_path / "work", out, finish_by=time.time() + 0.5 * states[0].seconds)
   assert [(o.cell.method, o.status) for o in outcomes] == [("fact_lookup", "skipped")]
@@ -646,6 +649,39 @@ def test_plan_states_pace_and_time_left_from_files(tmp_path):
   text = study.plan_markdown(list(states.values()))
   assert "| facts | 3 | 1 | 1 | 1 | 0 | 3 min |" in text and "| whole | 0 | 0 | 0 | 0 | 6 | 3 min (other settings') |" in text
   assert "4 of 12 cells finished" in text and "- facts/random/seed1: failed, 20 s so far; RuntimeError" in text
+
+
+def test_plan_counts_each_seeds_unedited_control_once(tmp_path):
+  config = study.StudyConfig(
+    settings=(study.StudySetting("facts", "sports", "random_16"),), methods=("fact_lookup", "ap", "random"), seeds=(0, 1)
+  )
+  work, out = tmp_path / "work", tmp_path / "results"
+
+  def finished(method, seconds, control_stages):
+    stages = [{"stage": name, "parent": None, "seconds": t} for name, t in control_stages]
+    # Only top-level stages count: an inner stage of that name is another stage's part.
+    stages += [{"stage": "edit", "parent": None, "seconds": 300.0}, {"stage": "evaluate unedited", "parent": "edit", "seconds": 9.0}]
+    summary = dict(_summary("facts", method, 0, {}, {}), cell_seconds=seconds, stage_seconds=stages)
+    io.write_json(out / "cells" / f"facts__{method}__seed0.json", summary)
+
+  # Seed 0's first cell computed the control (100 + 500 s); the next one read it (5 + 15 s).
+  finished("fact_lookup", 1000.0, [("evaluate unedited", 100.0), ("robustness (unedited)", 500.0)])
+  finished("ap", 420.0, [("evaluate unedited", 5.0), ("robustness (unedited)", 15.0)])
+  states = study.cell_states(config, work, out)
+  assert [s.control_seconds for s in states[:2]] == [600.0, 20.0]
+  # A cell takes 400 s without the control (both finished cells); seed 1's first cell
+  # also computes its control (600 s), once: 400 + (400 + 600) + 400 + 400.
+  assert study.remaining_seconds(states) == pytest.approx(2200.0)
+  fitting = study.cells_before(states, now=0.0, finish_by=1500.0)
+  assert [s.cell.label for s in fitting] == ["facts/random/seed0", "facts/fact_lookup/seed1"]
+  first_of_seed1 = states[3].cell
+  assert study.past_deadline(states, first_of_seed1, now=0.0, finish_by=1000.0) is None
+  assert study.past_deadline(states, first_of_seed1, now=0.0, finish_by=900.0) == (
+    "facts/fact_lookup/seed1 needs about 16.7 min at the median finished cell's pace (with its seed's unedited"
+    " control, 10.0 min) and 15.0 min are left before the finish time"
+  )
+  text = study.plan_markdown(states)
+  assert "| facts | 2 | 0 | 0 | 0 | 4 | 7 min |" in text and "unedited control: 10 min more" in text
 
 
 def test_finish_by_flag_reads_iso_times_and_names_itself_when_it_cannot():

@@ -286,7 +286,7 @@ def _run(
       task=task, facts=knowledge.facts, split=split, config=spec.eval, data=spec.data,
       unlearn=unlearn, retain_heldout=retain.heldout, seed=spec.seed, compute_dtype=spec.compute_dtype,
   )
-  with progress.stage("evaluate unedited", release_compiled=True):
+  with progress.stage(UNEDITED_EVALUATION_STAGE, release_compiled=True):
     unedited_layout = RunLayout(shared.unedited_dir or workdir)
     before = stages.evaluation_stage(model, tokenizer, path=unedited_layout.evaluation("unedited"), **eval_args)
 
@@ -390,6 +390,17 @@ def sequential_edits(spec, model, tokenizer, task, facts, split, mask, retain, w
   return dataclasses.replace(result, history=history), summaries
 
 
+def robustness_stage(model_name: str) -> str:
+  """The progress stage that runs the robustness suite on `model_name`'s model."""
+  return f"robustness ({model_name})"
+
+
+# The stages that compute the unedited control (`SharedOutputs.unedited_dir`): in a
+# study the first cell of a setting and seed runs them, its other cells read them.
+UNEDITED_EVALUATION_STAGE = "evaluate unedited"
+UNEDITED_CONTROL_STAGES = (UNEDITED_EVALUATION_STAGE, robustness_stage("unedited"))
+
+
 def robustness_for_run(
     spec, task, tokenizer, facts, split, retain, workdir, *, unedited, edited, unedited_dir=None
 ) -> dict[str, Any]:
@@ -403,7 +414,7 @@ def robustness_for_run(
   out = {}
   for name, model, base in (("unedited", unedited, None), ("edited", edited, unedited)):
     root = RunLayout((unedited_dir or workdir) if name == "unedited" else workdir)
-    with progress.stage(f"robustness ({name})"):
+    with progress.stage(robustness_stage(name)):
       out[name] = robustness.run_robustness(
           model, base_model=base, out_dir=root.robustness(name), **common
       )

@@ -6,6 +6,12 @@ sessions (a reference-budget cell takes 25-46 minutes on a 2-core CPU) says here
 cells remain and where a started one will resume. Reads only files: the results
 folder's cell summaries and `failures.json`, and each started cell's run folder (its
 `study_timing.json`, edit checkpoints and stage outputs).
+
+The pace leaves out the unedited control (the unedited model's evaluation and
+robustness suite, about 11 minutes at the reference budget): the first cell of a
+setting and seed computes it and the others read it, so a cell is paced at the median
+cell without it, plus the longest control so far where its seed has no finished cell
+yet.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Sequence
 
 from mech_unlearn_jax import io
 from mech_unlearn_jax.experiment.layout import RunLayout
+from mech_unlearn_jax.experiment.run import UNEDITED_CONTROL_STAGES
 from mech_unlearn_jax.study.config import CELL_SUMMARY_FILE, CELL_TIMING_FILE, FAILURES_FILE, Cell, StudyConfig
 
 DONE, REUSED, STARTED, FAILED, PENDING = "done", "reused", "started", "failed", "pending"
@@ -37,12 +44,32 @@ class CellState:
       so far; 0 for a pending one.
     detail: where a started cell stands (edit checkpoint, robustness outputs), a
       reused cell's original, a failed cell's error.
+    control_seconds: the part of a finished cell's `seconds` spent in the unedited
+      control's stages (`UNEDITED_CONTROL_STAGES`): minutes in the cell that computed
+      its seed's control, seconds (reading it) in the others; 0 without stage records.
   """
 
   cell: Cell
   status: str
   seconds: float = 0.0
   detail: str = ""
+  control_seconds: float = 0.0
+
+
+# A setting and seed: the cells that share one unedited control.
+ControlKey = tuple[str, int]
+
+
+def _control_key(cell: Cell) -> ControlKey:
+  return (cell.setting, cell.seed)
+
+
+def _control_seconds(summary: dict) -> float:
+  """Seconds a cell summary's top-level unedited-control stages took, every attempt."""
+  return float(sum(
+    e.get("seconds", 0.0) for e in summary.get("stage_seconds", [])
+    if e.get("parent") is None and e.get("stage") in UNEDITED_CONTROL_STAGES
+  ))
 
 
 def _started_detail(run_dir: pathlib.Path, total_steps: int) -> str:
@@ -95,7 +122,7 @@ def cell_states(
       if "reused_from" in summary:
         states.append(CellState(cell, REUSED, seconds, f"the same edit as {summary['reused_from']}"))
       else:
-        states.append(CellState(cell, DONE, seconds))
+        states.append(CellState(cell, DONE, seconds, control_seconds=_control_seconds(summary)))
       continue
     timing_path = run_dir / CELL_TIMING_FILE
     attempts = io.read_json(timing_path, "cell timing").get("attempts", []) if timing_path.is_file() else []
@@ -117,51 +144,86 @@ def cell_states(
   return states
 
 
-def pace(states: Sequence[CellState], setting: str) -> float | None:
-  """Median wall time of the finished cells that ran (not reused) in `setting`, else
-  in any setting; None before the first."""
+def _finished_ran(states: Sequence[CellState], setting: str) -> list[CellState]:
+  """The finished cells that ran (not reused) in `setting`, else in any setting."""
   for same_setting in (True, False):
-    times = [
-      s.seconds for s in states if s.status == DONE and s.seconds > 0 and (not same_setting or s.cell.setting == setting)
-    ]
-    if times:
-      return statistics.median(times)
-  return None
+    ran = [s for s in states if s.status == DONE and s.seconds > 0 and (not same_setting or s.cell.setting == setting)]
+    if ran:
+      return ran
+  return []
 
 
-def seconds_left(states: Sequence[CellState], state: CellState) -> float | None:
-  """Wall time `state`'s cell still needs at its setting's `pace`: 0 once done or
-  reused, the pace less the attempts so far for a started cell, the pace otherwise;
-  None before any cell has finished."""
+def pace(states: Sequence[CellState], setting: str) -> float | None:
+  """Median wall time, less the unedited control, of the finished cells that ran (not
+  reused) in `setting`, else in any setting; None before the first."""
+  ran = _finished_ran(states, setting)
+  return statistics.median(s.seconds - s.control_seconds for s in ran) if ran else None
+
+
+def control_pace(states: Sequence[CellState]) -> float:
+  """The longest unedited control a finished cell computed, in any setting; 0 when no
+  finished cell recorded its stages. The longest, not a median: a seed's control may
+  have been computed in part before (another budget's study shares it), and a
+  deadline should err towards not starting a cell; the settings' controls take
+  similar time (the same attacks on the same model)."""
+  return max((s.control_seconds for s in states if s.status == DONE), default=0.0)
+
+
+def controls_done(states: Sequence[CellState]) -> set[ControlKey]:
+  """The settings and seeds whose unedited control a finished cell computed."""
+  return {_control_key(s.cell) for s in states if s.status in (DONE, REUSED)}
+
+
+def seconds_left(
+  states: Sequence[CellState], state: CellState, controls: set[ControlKey] | None = None
+) -> float | None:
+  """Wall time `state`'s cell still needs at its setting's `pace`, plus
+  `control_pace` when its seed's control is not in `controls` (default:
+  `controls_done(states)`): 0 once done or reused, that less the attempts so far for a
+  started cell; None before any cell has finished."""
   if state.status in (DONE, REUSED):
     return 0.0
   per_cell = pace(states, state.cell.setting)
   if per_cell is None:
     return None
+  controls = controls_done(states) if controls is None else controls
+  if _control_key(state.cell) not in controls:
+    per_cell += control_pace(states)
   return max(per_cell - state.seconds, 0.0) if state.status == STARTED else per_cell
 
 
 def remaining_seconds(states: Sequence[CellState], paced_by: Sequence[CellState] | None = None) -> float | None:
-  """Wall time left if every unfinished cell of `states` runs at its setting's `pace`
-  among `paced_by` (default: `states`; the whole study's for a filtered plan, as the
-  runner paces); None when no cell has finished. An upper bound where cells turn out
-  to be twins of finished ones (seconds each): whether a cell is a twin is known only
-  once its localization ran."""
+  """Wall time left if the unfinished cells of `states` run in order at their
+  setting's pace among `paced_by` (default: `states`; the whole study's for a filtered
+  plan, as the runner paces), each seed's control counted once; None when no cell has
+  finished. An upper bound where cells turn out to be twins of finished ones (seconds
+  each): whether a cell is a twin is known only once its localization ran."""
   paced_by = states if paced_by is None else paced_by
-  left = [seconds_left(paced_by, s) for s in states]
-  return None if None in left else float(sum(left))
+  controls, total = controls_done(paced_by), 0.0
+  for s in states:
+    needed = seconds_left(paced_by, s, controls)
+    if needed is None:
+      return None
+    total += needed
+    controls.add(_control_key(s.cell))
+  return total
 
 
-def past_deadline(states: Sequence[CellState], cell: Cell, now: float, finish_by: float) -> str | None:
+def past_deadline(
+  states: Sequence[CellState], cell: Cell, now: float, finish_by: float, controls: set[ControlKey] | None = None
+) -> str | None:
   """Why `cell` should not start at `now` (epoch seconds) in a run that must end by
-  `finish_by`: it would end later at its setting's pace; None when it fits, is
+  `finish_by`: it would end later at its `seconds_left`; None when it fits, is
   finished, or no cell has set a pace yet (then nothing can be estimated and it runs)."""
   [state] = [s for s in states if s.cell == cell]
-  needed = seconds_left(states, state)
+  needed = seconds_left(states, state, controls)
   if not needed or now + needed <= finish_by:
     return None
+  controls = controls_done(states) if controls is None else controls
+  control = control_pace(states) if _control_key(cell) not in controls else 0.0
+  with_control = f" (with its seed's unedited control, {control / 60:.1f} min)" if control else ""
   return (
-    f"{cell.label} needs about {needed / 60:.1f} min at the median finished cell's pace and"
+    f"{cell.label} needs about {needed / 60:.1f} min at the median finished cell's pace{with_control} and"
     f" {max(finish_by - now, 0.0) / 60:.1f} min are left before the finish time"
   )
 
@@ -175,17 +237,18 @@ def cells_before(
   whole study's states, which hold `states`' cells, default `states`); None before any
   cell has finished."""
   paced_by = states if paced_by is None else paced_by
-  started, clock = [], now
+  started, clock, controls = [], now, controls_done(paced_by)
   for s in states:
     if s.status in (DONE, REUSED):
       continue
-    needed = seconds_left(paced_by, s)
+    needed = seconds_left(paced_by, s, controls)
     if needed is None:
       return None
-    if past_deadline(paced_by, s.cell, clock, finish_by):
+    if past_deadline(paced_by, s.cell, clock, finish_by, controls):
       break
     started.append(s)
     clock += needed
+    controls.add(_control_key(s.cell))
   return started
 
 
@@ -201,7 +264,7 @@ def plan_markdown(
   the whole study's states, which is what the runner paces its cells by."""
   paced_by = states if paced_by is None else paced_by
   statuses = (DONE, REUSED, STARTED, FAILED, PENDING)
-  out = ["| setting | " + " | ".join(statuses) + " | pace (median finished cell) |", "|---" * (len(statuses) + 2) + "|"]
+  out = ["| setting | " + " | ".join(statuses) + " | pace (median finished cell, less the unedited control) |", "|---" * (len(statuses) + 2) + "|"]
   for setting in dict.fromkeys(s.cell.setting for s in states):
     mine = [s for s in states if s.cell.setting == setting]
     per_cell = pace(paced_by, setting)
@@ -220,6 +283,12 @@ def plan_markdown(
     + ("time left: unknown (no finished cell yet)" if left is None else f"time left at this pace: about {left / 3600:.1f} h")
     + " (twins of finished cells take seconds, so this is an upper bound)."
   )
+  control = control_pace(paced_by)
+  if control:
+    out.append(
+      f"A setting's first cell of a seed also computes the seed's unedited control: {control / 60:.0f} min more"
+      " (the longest so far)."
+    )
   if finish_by is not None:
     fitting = cells_before(states, time.time() if now is None else now, finish_by, paced_by)
     until = time.strftime("%Y-%m-%d %H:%M", time.localtime(finish_by))
