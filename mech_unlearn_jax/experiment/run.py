@@ -108,6 +108,17 @@ def experiment_part(record: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def robustness_stage(model_name: str) -> str:
+  """The progress stage that runs the robustness suite on `model_name`'s model."""
+  return f"robustness ({model_name})"
+
+
+# The stages that compute the unedited control (`SharedOutputs.unedited_dir`): in a
+# study the first cell of a setting and seed runs them, its other cells read them.
+UNEDITED_EVALUATION_STAGE = "evaluate unedited"
+UNEDITED_CONTROL_STAGES = (UNEDITED_EVALUATION_STAGE, robustness_stage("unedited"))
+
+
 # Knowledge-filter inputs: the filter is shared by every run that agrees on these.
 _KNOWLEDGE_DATA_KEYS = (
     "task",
@@ -388,17 +399,6 @@ def sequential_edits(spec, model, tokenizer, task, facts, split, mask, retain, w
         "kl_original_edited": ev.get("kl_original_edited"),
     })
   return dataclasses.replace(result, history=history), summaries
-
-
-def robustness_stage(model_name: str) -> str:
-  """The progress stage that runs the robustness suite on `model_name`'s model."""
-  return f"robustness ({model_name})"
-
-
-# The stages that compute the unedited control (`SharedOutputs.unedited_dir`): in a
-# study the first cell of a setting and seed runs them, its other cells read them.
-UNEDITED_EVALUATION_STAGE = "evaluate unedited"
-UNEDITED_CONTROL_STAGES = (UNEDITED_EVALUATION_STAGE, robustness_stage("unedited"))
 
 
 def robustness_for_run(

@@ -264,7 +264,8 @@ def plan_markdown(
   the whole study's states, which is what the runner paces its cells by."""
   paced_by = states if paced_by is None else paced_by
   statuses = (DONE, REUSED, STARTED, FAILED, PENDING)
-  out = ["| setting | " + " | ".join(statuses) + " | pace (median finished cell, less the unedited control) |", "|---" * (len(statuses) + 2) + "|"]
+  pace_header = "pace (median finished cell, less the unedited control)"
+  out = ["| setting | " + " | ".join(statuses) + f" | {pace_header} |", "|---" * (len(statuses) + 2) + "|"]
   for setting in dict.fromkeys(s.cell.setting for s in states):
     mine = [s for s in states if s.cell.setting == setting]
     per_cell = pace(paced_by, setting)
