@@ -174,6 +174,13 @@ def controls_done(states: Sequence[CellState]) -> set[ControlKey]:
   return {_control_key(s.cell) for s in states if s.status in (DONE, REUSED)}
 
 
+def _control_to_add(states: Sequence[CellState], cell: Cell, controls: set[ControlKey] | None) -> float:
+  """`control_pace` when `cell`'s seed has no control in `controls` (default:
+  `controls_done(states)`), else 0."""
+  controls = controls_done(states) if controls is None else controls
+  return control_pace(states) if _control_key(cell) not in controls else 0.0
+
+
 def seconds_left(
   states: Sequence[CellState], state: CellState, controls: set[ControlKey] | None = None
 ) -> float | None:
@@ -186,9 +193,7 @@ def seconds_left(
   per_cell = pace(states, state.cell.setting)
   if per_cell is None:
     return None
-  controls = controls_done(states) if controls is None else controls
-  if _control_key(state.cell) not in controls:
-    per_cell += control_pace(states)
+  per_cell += _control_to_add(states, state.cell, controls)
   return max(per_cell - state.seconds, 0.0) if state.status == STARTED else per_cell
 
 
@@ -219,8 +224,7 @@ def past_deadline(
   needed = seconds_left(states, state, controls)
   if not needed or now + needed <= finish_by:
     return None
-  controls = controls_done(states) if controls is None else controls
-  control = control_pace(states) if _control_key(cell) not in controls else 0.0
+  control = _control_to_add(states, cell, controls)
   with_control = f" (with its seed's unedited control, {control / 60:.1f} min)" if control else ""
   return (
     f"{cell.label} needs about {needed / 60:.1f} min at the median finished cell's pace{with_control} and"
