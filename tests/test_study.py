@@ -815,6 +815,32 @@ def test_verdicts_count_only_comparisons_between_different_masks():
   assert study.comparisons._verdict([same, untestable]).startswith("cannot be tested yet")
 
 
+def test_verdicts_are_provisional_until_every_comparator_has_two_paired_seeds(tmp_path):
+  config = study.StudyConfig(
+    settings=(study.StudySetting("facts", "sports", "random_16"),), methods=("fact_lookup", "ap", "ct"), seeds=(0, 1, 2)
+  )
+  unedited = {"forget_qa": 0.9}
+
+  def verdicts(cells):
+    for method, seed, qa in cells:
+      m = {"forget_qa": qa, "trained_parameters": 100}
+      io.write_json(tmp_path / "cells" / f"facts__{method}__seed{seed}.json", _summary("facts", method, seed, m, unedited))
+    return {c["claim"].split(" (")[0]: c["verdict"] for c in study.claims(study.collect(config, tmp_path))}
+
+  formats = "fact-lookup edits generalize to other prompt formats"
+  cells = [("fact_lookup", s, 0.1 + 0.01 * s) for s in (0, 1, 2)] + [("ap", s, 0.6 + 0.02 * s) for s in (0, 1, 2)]
+  # ct has no cell: fact lookup beats ap, but ct could still undo "holds".
+  verdict = verdicts(cells + [("ct", 0, 0.7)])[formats]
+  assert verdict.startswith("holds (all 1") and verdict.endswith("provisional: ct not compared yet (fewer than 2 paired seeds)")
+  # Two paired seeds of ct make it a counted comparison: the verdict is no longer provisional.
+  verdict = verdicts([("ct", 1, 0.72)])[formats]
+  assert verdict.startswith("holds (all 2") and "provisional" not in verdict
+  # One significantly worse comparison decides "does not hold", whatever is still missing.
+  (tmp_path / "cells" / "facts__ct__seed1.json").unlink()
+  verdict = verdicts([("ap", s, 0.05 - 0.01 * s) for s in (0, 1, 2)])[formats]
+  assert verdict.startswith("does not hold") and "provisional" not in verdict
+
+
 def test_headline_table_means_valid_formats_and_same_mask_counts(tmp_path):
   config = study.StudyConfig(
     settings=(study.StudySetting("facts", "sports", "random_16"),), methods=("fact_lookup", "ct"), seeds=(0, 1),

@@ -137,6 +137,19 @@ def _verdict(comparisons: Sequence[Comparison]) -> str:
   )
 
 
+def _provisional(comparisons: Sequence[Comparison], comparators: Sequence[str]) -> str:
+  """A note for a verdict that more comparators could still change: the output-tracing
+  methods of the study without a testable comparison yet (fewer than 2 paired seeds).
+  "does not hold" is final (one significantly worse comparison decides it) and gets none."""
+  if _verdict(comparisons).startswith(("does not hold", "cannot be tested")):
+    return ""
+  done = {c.other for c in comparisons if c.outcome != "untestable"}
+  pending = [m for m in comparators if m not in done]
+  if not pending:
+    return ""
+  return f"; provisional: {', '.join(pending)} not compared yet (fewer than 2 paired seeds)"
+
+
 def _claim_specs(data: StudyData, setting: str) -> list[tuple[str, list[tuple[str, bool]], list[str]]]:
   """A fact-set setting's claims: (claim, [(metric, lower is better)], formats left out
   because the unedited model answers them at chance)."""
@@ -183,7 +196,9 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
   Fact-set settings (not whole-sport): fact lookup vs each output-tracing method
   (ap, ct, ap_mlps, ct_mlps), difference paired by seed with a t-interval; a claim
   holds when every testable comparison is significantly in the claimed direction
-  and fails when one is significantly in the other. Only formats the unedited model
+  and fails when one is significantly in the other; a verdict other than "does not
+  hold" is marked provisional while a comparator has fewer than 2 paired seeds
+  (`_provisional`), since that comparator can still change it. Only formats the unedited model
   answers above chance in every seed count, and only comparators whose mask differs
   from fact lookup's in at least one paired seed (`Comparison`). Whole-sport settings: every method's
   LoRA relearning recovers at least half of what the edit removed on the held-out
@@ -226,7 +241,7 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
             same = tuple(s for s in seeds if s in same_by_other[other])
             comps.append(Comparison(metric, other, iv, lower, seeds, same))
       if comps:
-        verdict = _verdict(comps)
+        verdict = _verdict(comps) + _provisional(comps, others)
       elif skipped and not metrics:
         verdict = "cannot be tested with this model: the unedited model is at chance in every other format"
       else:
