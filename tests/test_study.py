@@ -207,6 +207,7 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   text = (tmp_path / "study.md").read_text()
   assert "## facts (sports, split random_16)" in text and "forget_mc ✗" in text and "forget_qa |" in text
   assert "0.620 [" in text  # ap's forget_qa mean with its interval
+  assert "95% t-interval" in text and "provisional while a comparator has fewer than 2 paired seeds" in text
   for name in ("facts_relearning.png", "whole_relearning.png", "facts_formats_vs_side_effects.png"):
     assert (tmp_path / "figures" / name).is_file(), name
 

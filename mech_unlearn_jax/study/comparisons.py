@@ -484,6 +484,20 @@ def _whole_set_claim(data: StudyData, setting: StudySetting, present: set[str]) 
   return {"setting": setting.name, "claim": claim, "verdict": verdict, "details": details}
 
 
+def verdict_rule(confidence: float) -> str:
+  """How `claims` reads its comparisons, in one paragraph for the reports."""
+  return (
+    f"Fact-set settings: fact lookup minus each output-tracing method ({', '.join(OUTPUT_TRACING)}),"
+    f" paired by seed, with a {confidence:.0%} t-interval. A claim holds when every comparison is"
+    " significantly in the claimed direction, does not hold when one is significantly in the other, and"
+    " is not resolved otherwise; only formats the unedited model answers above chance in every seed"
+    " count, a comparator that trained fact lookup's own mask in every paired seed is left out, and a"
+    ' verdict other than "does not hold" is provisional while a comparator has fewer than 2 paired'
+    " seeds. Whole-sport settings: every method's LoRA relearning recovers at least half of what the edit"
+    " removed on the held-out half (a t-interval over seeds).\n"
+  )
+
+
 def claims_markdown(items: Sequence[Mapping[str, Any]]) -> str:
   """The claims as a verdict table followed by each claim's comparisons."""
   lines = ["| setting | claim | verdict |", "|---|---|---|"]

@@ -15,7 +15,7 @@ from mech_unlearn_jax.data.tasks import get_task
 from mech_unlearn_jax.study.config import StudyConfig, StudySetting, UNEDITED
 from mech_unlearn_jax.study.metrics import MASK_JACCARD, SOFT_PROMPT_KINDS, SOFT_PROMPT_METRICS
 from mech_unlearn_jax.study.aggregate import SIDE_EFFECT_FORMATS, StudyData, _fmt_interval, clipped_to_range, _forget_formats, _formats, _relearn_steps, collect, csv_text
-from mech_unlearn_jax.study.comparisons import baseline_contrasts, baseline_markdown, claims, claims_markdown, same_mask_contrasts, same_mask_markdown, same_mask_seeds
+from mech_unlearn_jax.study.comparisons import baseline_contrasts, baseline_markdown, claims, claims_markdown, same_mask_contrasts, same_mask_markdown, same_mask_seeds, verdict_rule
 
 
 def table_columns(data: StudyData, setting: str) -> list[tuple[str, list[str]]]:
@@ -435,6 +435,7 @@ def study_markdown(
       out.append(f"![{name}](figures/{name})\n")
   main_claims, matched_claims = claim_lists or (claims(data), claims(data, matched=True))
   out.append("## Claims of the paper\n")
+  out.append(verdict_rule(cfg.confidence))
   out.append(claims_markdown(main_claims))
   out.append("### The same claims at matched edit hyperparameters (a control)\n")
   out.append(
