@@ -207,7 +207,7 @@ def test_claims_tables_and_csv_from_constructed_cells(tmp_path):
   text = (tmp_path / "study.md").read_text()
   assert "## facts (sports, split random_16)" in text and "forget_mc ✗" in text and "forget_qa |" in text
   assert "0.620 [" in text  # ap's forget_qa mean with its interval
-  assert "95% t-interval" in text and "provisional while a comparator has fewer than 2 paired seeds" in text
+  assert "95% t-interval" in text and "provisional while a comparator has fewer than 3 paired seeds" in text
   for name in ("facts_relearning.png", "whole_relearning.png", "facts_formats_vs_side_effects.png"):
     assert (tmp_path / "figures" / name).is_file(), name
 
@@ -816,30 +816,34 @@ def test_verdicts_count_only_comparisons_between_different_masks():
   assert study.comparisons._verdict([same, untestable]).startswith("cannot be tested yet")
 
 
-def test_verdicts_are_provisional_until_every_comparator_has_two_paired_seeds(tmp_path):
+def test_verdicts_are_provisional_until_every_comparator_has_three_paired_seeds(tmp_path):
   config = study.StudyConfig(
     settings=(study.StudySetting("facts", "sports", "random_16"),), methods=("fact_lookup", "ap", "ct"), seeds=(0, 1, 2)
   )
   unedited = {"forget_qa": 0.9}
 
-  def verdicts(cells):
+  def verdict(cells):
     for method, seed, qa in cells:
       m = {"forget_qa": qa, "trained_parameters": 100}
       io.write_json(tmp_path / "cells" / f"facts__{method}__seed{seed}.json", _summary("facts", method, seed, m, unedited))
-    return {c["claim"].split(" (")[0]: c["verdict"] for c in study.claims(study.collect(config, tmp_path))}
+    by_claim = {c["claim"].split(" (")[0]: c["verdict"] for c in study.claims(study.collect(config, tmp_path))}
+    return by_claim["fact-lookup edits generalize to other prompt formats"]
 
-  formats = "fact-lookup edits generalize to other prompt formats"
   cells = [("fact_lookup", s, 0.1 + 0.01 * s) for s in (0, 1, 2)] + [("ap", s, 0.6 + 0.02 * s) for s in (0, 1, 2)]
-  # ct has no cell: fact lookup beats ap, but ct could still undo "holds".
-  verdict = verdicts(cells + [("ct", 0, 0.7)])[formats]
-  assert verdict.startswith("holds (all 1") and verdict.endswith("provisional: ct not compared yet (fewer than 2 paired seeds)")
-  # Two paired seeds of ct make it a counted comparison: the verdict is no longer provisional.
-  verdict = verdicts([("ct", 1, 0.72)])[formats]
-  assert verdict.startswith("holds (all 2") and "provisional" not in verdict
-  # One significantly worse comparison decides "does not hold", whatever is still missing.
-  (tmp_path / "cells" / "facts__ct__seed1.json").unlink()
-  verdict = verdicts([("ap", s, 0.05 - 0.01 * s) for s in (0, 1, 2)])[formats]
-  assert verdict.startswith("does not hold") and "provisional" not in verdict
+  # One ct seed: fact lookup beats ap, but ct could still undo "holds".
+  v = verdict(cells + [("ct", 0, 0.7)])
+  assert v.startswith("holds (all 1") and v.endswith("; provisional: fewer than 3 paired seeds for ct (1)"), v
+  # Two: counted (a t-interval), still provisional; three: final.
+  v = verdict([("ct", 1, 0.72)])
+  assert v.startswith("holds (all 2") and v.endswith("for ct (2)"), v
+  assert "provisional" not in verdict([("ct", 2, 0.71)])
+  # A "does not hold" decided only by a two-seed comparison is provisional...
+  (tmp_path / "cells" / "facts__ct__seed2.json").unlink()
+  v = verdict([("ct", s, 0.02 + 0.0101 * s) for s in (0, 1)])
+  assert v.startswith("does not hold (1 of 2") and v.endswith("for ct (2)"), v
+  # ...one on three seeds is final, whatever else is still thin.
+  v = verdict([("ap", s, 0.05 - 0.01 * s) for s in (0, 1, 2)])
+  assert v.startswith("does not hold (2 of 2") and "provisional" not in v, v
 
 
 def test_headline_table_means_valid_formats_and_same_mask_counts(tmp_path):

@@ -137,17 +137,31 @@ def _verdict(comparisons: Sequence[Comparison]) -> str:
   )
 
 
+# The study's minimum number of seeds. A comparison on fewer can still move a lot: at
+# n = 2 the t-interval has one degree of freedom, and two nearly equal differences
+# give a narrow interval that a third seed can widen past zero.
+MIN_PAIRED_SEEDS = 3
+
+
 def _provisional(comparisons: Sequence[Comparison], comparators: Sequence[str]) -> str:
-  """A note for a verdict that more comparators could still change: the output-tracing
-  methods of the study without a testable comparison yet (fewer than 2 paired seeds).
-  "does not hold" is final (one significantly worse comparison decides it) and gets none."""
-  if _verdict(comparisons).startswith(("does not hold", "cannot be tested")):
+  """A note for a verdict that more cells could still change: the output-tracing methods
+  of the study with fewer than MIN_PAIRED_SEEDS paired seeds. A "does not hold" decided
+  by a comparison on at least that many seeds is final (more comparators cannot undo
+  one significantly worse comparison) and gets none."""
+  verdict = _verdict(comparisons)
+  if verdict.startswith("cannot be tested"):
     return ""
-  done = {c.other for c in comparisons if c.outcome != "untestable"}
-  pending = [m for m in comparators if m not in done]
-  if not pending:
+  seeds = {m: 0 for m in comparators}
+  for c in comparisons:
+    seeds[c.other] = max(seeds.get(c.other, 0), len(c.seeds))
+  if verdict.startswith("does not hold") and any(
+    c.outcome == "worse" and len(c.seeds) >= MIN_PAIRED_SEEDS for c in comparisons
+  ):
     return ""
-  return f"; provisional: {', '.join(pending)} not compared yet (fewer than 2 paired seeds)"
+  thin = [f"{m} ({seeds[m]})" for m in comparators if seeds[m] < MIN_PAIRED_SEEDS]
+  if not thin:
+    return ""
+  return f"; provisional: fewer than {MIN_PAIRED_SEEDS} paired seeds for {', '.join(thin)}"
 
 
 def _claim_specs(data: StudyData, setting: str) -> list[tuple[str, list[tuple[str, bool]], list[str]]]:
@@ -197,8 +211,9 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
   (ap, ct, ap_mlps, ct_mlps), difference paired by seed with a t-interval; a claim
   holds when every testable comparison is significantly in the claimed direction
   and fails when one is significantly in the other; a verdict other than "does not
-  hold" is marked provisional while a comparator has fewer than 2 paired seeds
-  (`_provisional`), since that comparator can still change it. Only formats the unedited model
+  hold" is marked provisional while a comparator has fewer than MIN_PAIRED_SEEDS paired
+  seeds, and so is a "does not hold" that only such comparators decide (`_provisional`).
+  Only formats the unedited model
   answers above chance in every seed count, and only comparators whose mask differs
   from fact lookup's in at least one paired seed (`Comparison`). Whole-sport settings: every method's
   LoRA relearning recovers at least half of what the edit removed on the held-out
@@ -492,8 +507,9 @@ def verdict_rule(confidence: float) -> str:
     " significantly in the claimed direction, does not hold when one is significantly in the other, and"
     " is not resolved otherwise; only formats the unedited model answers above chance in every seed"
     " count, a comparator that trained fact lookup's own mask in every paired seed is left out, and a"
-    ' verdict other than "does not hold" is provisional while a comparator has fewer than 2 paired'
-    " seeds. Whole-sport settings: every method's LoRA relearning recovers at least half of what the edit"
+    f" verdict is provisional while a comparator has fewer than {MIN_PAIRED_SEEDS} paired seeds (a"
+    ' "does not hold" only where no comparison on that many seeds decides it). Whole-sport settings:'
+    " every method's LoRA relearning recovers at least half of what the edit"
     " removed on the held-out half (a t-interval over seeds).\n"
   )
 
