@@ -145,23 +145,16 @@ MIN_PAIRED_SEEDS = 3
 
 def _provisional(comparisons: Sequence[Comparison], comparators: Sequence[str]) -> str:
   """A note for a verdict that more cells could still change: the output-tracing methods
-  of the study with fewer than MIN_PAIRED_SEEDS paired seeds. A "does not hold" decided
-  by a comparison on at least that many seeds is final (more comparators cannot undo
-  one significantly worse comparison) and gets none."""
-  verdict = _verdict(comparisons)
-  if verdict.startswith("cannot be tested"):
+  of the study with fewer than MIN_PAIRED_SEEDS paired seeds. None where nothing is
+  testable ("cannot be tested"), nor for a "does not hold" decided by a comparison on at
+  least that many seeds (more comparators cannot undo one significantly worse one)."""
+  if all(c.outcome in ("untestable", "same mask") for c in comparisons):
     return ""
-  seeds = {m: 0 for m in comparators}
-  for c in comparisons:
-    seeds[c.other] = max(seeds.get(c.other, 0), len(c.seeds))
-  if verdict.startswith("does not hold") and any(
-    c.outcome == "worse" and len(c.seeds) >= MIN_PAIRED_SEEDS for c in comparisons
-  ):
+  if any(c.outcome == "worse" and len(c.seeds) >= MIN_PAIRED_SEEDS for c in comparisons):
     return ""
-  thin = [f"{m} ({seeds[m]})" for m in comparators if seeds[m] < MIN_PAIRED_SEEDS]
-  if not thin:
-    return ""
-  return f"; provisional: fewer than {MIN_PAIRED_SEEDS} paired seeds for {', '.join(thin)}"
+  seeds = {m: max((len(c.seeds) for c in comparisons if c.other == m), default=0) for m in comparators}
+  thin = [f"{m} ({n})" for m, n in seeds.items() if n < MIN_PAIRED_SEEDS]
+  return f"; provisional: fewer than {MIN_PAIRED_SEEDS} paired seeds for {', '.join(thin)}" if thin else ""
 
 
 def _claim_specs(data: StudyData, setting: str) -> list[tuple[str, list[tuple[str, bool]], list[str]]]:
@@ -213,11 +206,10 @@ def claims(data: StudyData, matched: bool = False) -> list[dict[str, Any]]:
   and fails when one is significantly in the other; a verdict other than "does not
   hold" is marked provisional while a comparator has fewer than MIN_PAIRED_SEEDS paired
   seeds, and so is a "does not hold" that only such comparators decide (`_provisional`).
-  Only formats the unedited model
-  answers above chance in every seed count, and only comparators whose mask differs
-  from fact lookup's in at least one paired seed (`Comparison`). Whole-sport settings: every method's
-  LoRA relearning recovers at least half of what the edit removed on the held-out
-  half (recovery = (p_last - p_0) / (p_unedited - p_0), a t-interval over seeds).
+  Only formats the unedited model answers above chance in every seed count, and only
+  comparators whose mask differs from fact lookup's in at least one paired seed
+  (`Comparison`). Whole-sport settings: every method's LoRA relearning recovers at least
+  half of what the edit removed on the held-out half (recovery = (p_last - p_0) / (p_unedited - p_0), a t-interval over seeds).
   """
   out = []
   for setting in data.config.settings:
